@@ -1,0 +1,99 @@
+"""The `megatron-r1` command line.
+
+Layer L4. Parses arguments, loads the config (defaults < --config file < --set overrides) and
+hands each sub-command its stage. Bad input (config values, layouts, files) ends the process
+with exit code 2 and one line naming the key, value or file; nothing else is caught here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from megatron_r1.config import Config, load_config
+
+log = logging.getLogger("megatron_r1")
+
+# megatron-core announces each optional accelerator it falls back from, on every rank.
+_EXPECTED_WARNINGS = (
+    r".*Apex is not installed.*",
+    r".*Transformer Engine and Apex are not installed.*",
+    r".*full scope is deprecated.*",
+    r".*Using local implementations.*",
+    # torch 2.13 deprecates the collective names megatron-core 0.16 calls
+    r".*`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated.*",
+    # megatron's DDP reads .grad of its bucket views
+    r".*The .grad attribute of a Tensor that is not a leaf Tensor is being accessed.*",
+)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="YAML",
+                        help="sparse YAML override of the defaults (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE",
+                        help="override one config value; repeatable, applied after --config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-r1",
+        description="DeepSeek-R1 style RL training for Mixture-of-Experts models on "
+                    "megatron-core.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sft = sub.add_parser("sft", help="supervised fine-tuning (R1 cold start, distillation)",
+                         description="Supervised fine-tuning on prompt/completion pairs. Without "
+                                     "--config it runs the embedded tiny job.")
+    _add_config_args(sft)
+    return parser
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID",
+                              os.environ.get("PMI_RANK", "0"))))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank{rank} %(name)s] %(message)s",
+                        datefmt="%H:%M:%S")
+    for pattern in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    # megatron-core logs its parameter lists and full optimizer config at INFO.
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
+
+
+def _run(command: str, cfg: Config) -> None:
+    if command == "sft":
+        from megatron_r1.sft import run_sft
+
+        summary = run_sft(cfg)
+        if "eval_loss_start" in summary:
+            log.info("held-out loss %.4f -> %.4f", summary["eval_loss_start"],
+                     summary["eval_loss_end"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        _run(args.command, cfg)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        # Input errors (config, layout, data, checkpoints) are reported, not traced.
+        if isinstance(err, (ValueError, TypeError)) and not _is_input_error(err):
+            raise
+        print(f"megatron-r1 {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _is_input_error(err: BaseException) -> bool:
+    """Errors raised by our own validation (config, layout, data, checkpoint) carry
+    messages meant for users; anything raised inside torch or megatron is a bug to trace."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    origin = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return origin.startswith("megatron_r1")

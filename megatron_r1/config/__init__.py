@@ -1,0 +1,41 @@
+"""Typed run configuration (L0): the schema, and loading it from YAML and --set overrides."""
+
+from megatron_r1.config.loader import (
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_override,
+    write_resolved_config,
+)
+from megatron_r1.config.schema import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    GRPOConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RewardConfig,
+    RolloutConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "DataConfig",
+    "GRPOConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RewardConfig",
+    "RolloutConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "parse_override",
+    "write_resolved_config",
+]

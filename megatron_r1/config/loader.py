@@ -1,0 +1,172 @@
+"""Build a Config from defaults, a sparse YAML file and `--set section.key=value` overrides.
+
+Layer L0. Values are checked against the dataclass annotations here (type errors name the
+key); range and cross-field rules live in each section's __post_init__ (schema.py). The
+resolved config is written into the run directory atomically (temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from megatron_r1.config.schema import Config
+
+# PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string; accept it for floats.
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _known(names: typing.Iterable[str], bad: str) -> str:
+    names = sorted(names)
+    close = difflib.get_close_matches(bad, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; known: {', '.join(names)}"
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_describe(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Return `value` as the annotated type, or raise TypeError naming `where`."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option, where)
+            except TypeError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(annotation) and type(value) in {
+                type(a) for a in typing.get_args(annotation)}:
+            return value
+    elif annotation is type(None):
+        if value is None:
+            return None
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a schema field of a type this loader does not know
+        raise AssertionError(f"unsupported annotation {annotation!r} for {where}")
+    raise TypeError(f"{where}: expected {_describe(annotation)}, got {type(value).__name__} "
+                    f"{value!r}")
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"unknown key {section}.{key}{_known(fields, key)}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a {section: {key: value}} mapping (sparse)."""
+    if not isinstance(data, dict):
+        raise TypeError(f"config must be a mapping of sections, got {type(data).__name__}")
+    section_types = typing.get_type_hints(Config)
+    sections = {}
+    for section, values in data.items():
+        if section not in section_types:
+            raise ValueError(f"unknown config section {section!r}{_known(section_types, section)}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise TypeError(f"config section {section!r} must be a mapping of keys, got "
+                            f"{type(values).__name__} {values!r}")
+        sections[section] = _build_section(section_types[section], values, section)
+    return Config(**sections)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split `section.key=value` into its parts; the value is parsed as YAML (`true`, `3`,
+    `0.5`, `null`, `[1, 2]` become typed values; anything else stays a string)."""
+    path, sep, raw = text.partition("=")
+    parts = path.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ValueError(f"--set {text!r}: expected section.key=value, e.g. grpo.kl_coef=0.001")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts[0], parts[1], value
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then each `section.key=value`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"config file not found: {file}")
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{file}: not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise TypeError(f"{file}: expected a mapping of sections, got "
+                            f"{type(loaded).__name__}")
+        data = loaded or {}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        section_values = data.setdefault(section, {})
+        if not isinstance(section_values, dict):
+            raise TypeError(f"config section {section!r} must be a mapping of keys")
+        section_values[key] = value
+    try:
+        return config_from_dict(data)
+    except (TypeError, ValueError) as err:
+        origin = f" (config file {path})" if path is not None else ""
+        raise type(err)(f"{err}{origin}") from err
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The fully resolved config as plain data (every field, defaults included)."""
+    return dataclasses.asdict(config)
+
+
+def write_resolved_config(config: Config, run_dir: str | os.PathLike[str]) -> Path:
+    """Write <run_dir>/config.yaml atomically and return its path."""
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "config.yaml"
+    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml", dir=out)
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

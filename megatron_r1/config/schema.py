@@ -1,0 +1,475 @@
+"""The typed configuration schema: one dataclass per section, validated on construction.
+
+Layer L0 (pure Python). Every knob lives here exactly once, with a docstring under it. The
+defaults describe the embedded tiny job (a 2-layer MoE that trains on 2 CPU cores); files in
+configs/ are sparse overrides of these defaults. Checks that need more than one section, or
+the world size (the parallel layout), live in megatron_r1.layout and run before any process
+group exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Dtype = Literal["fp32", "bf16", "fp16"]
+
+
+def _require(cond: bool, section: str, key: str, value: object, why: str) -> None:
+    """Raise a ValueError that names the field, its bad value and the rule it broke."""
+    if not cond:
+        raise ValueError(f"{section}.{key}={value!r}: {why}")
+
+
+def _positive(section: str, obj: object, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        _require(value is None or value > 0, section, key, value, "must be > 0")
+
+
+def _non_negative(section: str, obj: object, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        _require(value is None or value >= 0, section, key, value, "must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """Architecture of the policy: maps onto megatron-core's TransformerConfig."""
+
+    num_layers: int = 2
+    """Transformer layers (excluding multi-token-prediction layers)."""
+    hidden_size: int = 64
+    """Model width."""
+    ffn_hidden_size: int = 128
+    """FFN width of the dense layers."""
+    num_attention_heads: int = 4
+    """Attention heads."""
+    num_query_groups: int | None = None
+    """KV heads for grouped-query attention; None means multi-head attention."""
+    kv_channels: int | None = None
+    """Head dimension; None means hidden_size / num_attention_heads."""
+    vocab_size: int = 512
+    """Tokenizer vocabulary; the embedding is padded to a multiple of
+    `make_vocab_size_divisible_by` x tensor-parallel size, as Megatron does."""
+    make_vocab_size_divisible_by: int = 128
+    """Padding granularity of the embedding rows (per tensor-parallel rank)."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the position encoding is built for."""
+    position_embedding: Literal["rope", "yarn"] = "rope"
+    """Rotary embeddings; `yarn` is DeepSeek-V3's long-context RoPE (needs MLA)."""
+    rotary_base: float = 10000.0
+    """RoPE theta."""
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Normalisation layers."""
+    norm_epsilon: float = 1e-6
+    """Epsilon of the normalisation layers."""
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    """FFN activation; swiglu doubles the first FFN projection (gate and up)."""
+    qk_layernorm: bool = False
+    """RMSNorm on queries and keys (Qwen3)."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    init_method_std: float = 0.02
+    """Std of the normal weight initialisation."""
+    params_dtype: Dtype = "fp32"
+    """Parameter and compute dtype; the optimizer keeps fp32 master weights for bf16/fp16."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer implementation: megatron-core's local modules or Transformer Engine's; `auto`
+    takes TE when it imports and CUDA is present."""
+    fp8: Literal["none", "e4m3", "hybrid"] = "none"
+    """FP8 training format (Transformer Engine only)."""
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise"] = "blockwise"
+    """FP8 scaling recipe; `blockwise` is DeepSeek-V3's 1x128 / 128x128 tiles."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: none, selective (attention core) or full layers."""
+
+    # Mixture of experts (num_experts = 0 means every layer is dense).
+    num_experts: int = 4
+    """Routed experts per MoE layer; 0 makes every layer dense."""
+    moe_ffn_hidden_size: int | None = 64
+    """FFN width of one routed expert."""
+    moe_router_topk: int = 2
+    """Routed experts per token."""
+    moe_shared_expert_size: int = 0
+    """Total FFN width of the shared experts (0: none)."""
+    moe_first_dense_layers: int = 0
+    """The first this-many layers are dense (DeepSeek-V3: 3)."""
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """Router scores: softmax (Qwen3-MoE, Mixtral) or sigmoid (DeepSeek-V3)."""
+    moe_router_pre_softmax: bool = False
+    """Softmax before top-k (the weights then do not sum to one)."""
+    moe_router_topk_scaling_factor: float | None = None
+    """Multiplier on the routing weights (DeepSeek-V3: 2.5)."""
+    moe_router_expert_bias: bool = False
+    """Auxiliary-loss-free load balancing: a per-expert bias on the routing scores."""
+    moe_router_bias_update_rate: float = 1e-3
+    """Step size of the expert-bias update."""
+    moe_router_num_groups: int | None = None
+    """Group-limited routing: experts are split into this many groups (DeepSeek-V3: 8)."""
+    moe_router_group_topk: int | None = None
+    """Group-limited routing: groups each token may use (DeepSeek-V3: 4)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Load-balancing auxiliary loss coefficient (0: off)."""
+    moe_router_dtype: Literal["fp32", "fp64"] | None = "fp32"
+    """Precision of the routing computation."""
+
+    # Multi-head Latent Attention (DeepSeek-V2/V3).
+    multi_latent_attention: bool = False
+    """Use Multi-head Latent Attention."""
+    q_lora_rank: int | None = None
+    """Query compression rank; None means an uncompressed query projection."""
+    kv_lora_rank: int = 512
+    """Key/value compression rank."""
+    qk_head_dim: int = 128
+    """Query/key head dimension without the rotary part."""
+    qk_pos_emb_head_dim: int = 64
+    """Rotary part of the query/key head dimension."""
+    v_head_dim: int = 128
+    """Value head dimension."""
+    rotary_scaling_factor: float = 1.0
+    """YaRN scaling factor (DeepSeek-V3: 40)."""
+    original_max_position_embeddings: int = 4096
+    """YaRN: the context length the model was pre-trained for."""
+    mscale: float = 1.0
+    """YaRN attention-scale coefficient."""
+    mscale_all_dim: float = 0.0
+    """YaRN attention-scale coefficient applied over all dimensions."""
+    mtp_num_layers: int = 0
+    """Multi-token-prediction layers (DeepSeek-V3 has 1; optional for RL)."""
+
+    def __post_init__(self) -> None:
+        s = "model"
+        _positive(s, self, "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                  "num_query_groups", "kv_channels", "vocab_size", "make_vocab_size_divisible_by",
+                  "max_position_embeddings", "moe_ffn_hidden_size", "moe_router_topk",
+                  "moe_router_num_groups", "moe_router_group_topk", "q_lora_rank",
+                  "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+                  "rotary_base", "norm_epsilon", "init_method_std", "rotary_scaling_factor",
+                  "original_max_position_embeddings")
+        _non_negative(s, self, "num_experts", "moe_shared_expert_size", "moe_first_dense_layers",
+                      "moe_aux_loss_coeff", "mtp_num_layers", "moe_router_bias_update_rate")
+        if self.num_query_groups is not None:
+            _require(self.num_attention_heads % self.num_query_groups == 0, s, "num_query_groups",
+                     self.num_query_groups,
+                     f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.kv_channels is None:
+            _require(self.hidden_size % self.num_attention_heads == 0, s, "hidden_size",
+                     self.hidden_size, f"must be divisible by num_attention_heads="
+                     f"{self.num_attention_heads} (or set model.kv_channels)")
+        if self.num_experts > 0:
+            _require(self.moe_ffn_hidden_size is not None, s, "moe_ffn_hidden_size", None,
+                     "is required when model.num_experts > 0")
+            _require(self.moe_router_topk <= self.num_experts, s, "moe_router_topk",
+                     self.moe_router_topk, f"cannot exceed model.num_experts={self.num_experts}")
+            _require(self.moe_first_dense_layers < self.num_layers, s, "moe_first_dense_layers",
+                     self.moe_first_dense_layers,
+                     f"must be < model.num_layers={self.num_layers} (else set num_experts=0)")
+        if (self.moe_router_num_groups is None) != (self.moe_router_group_topk is None):
+            raise ValueError(
+                "model.moe_router_num_groups and model.moe_router_group_topk must be set together, "
+                f"got {self.moe_router_num_groups!r} and {self.moe_router_group_topk!r}")
+        if self.moe_router_num_groups is not None and self.moe_router_group_topk is not None:
+            _require(self.num_experts % self.moe_router_num_groups == 0, s,
+                     "moe_router_num_groups", self.moe_router_num_groups,
+                     f"must divide model.num_experts={self.num_experts}")
+            _require(self.moe_router_group_topk <= self.moe_router_num_groups, s,
+                     "moe_router_group_topk", self.moe_router_group_topk,
+                     f"cannot exceed model.moe_router_num_groups={self.moe_router_num_groups}")
+        if self.position_embedding == "yarn":
+            _require(self.multi_latent_attention, s, "position_embedding", "yarn",
+                     "YaRN is supported with model.multi_latent_attention=true only")
+        if self.fp8 != "none":
+            _require(self.transformer_impl != "local", s, "fp8", self.fp8,
+                     "FP8 needs model.transformer_impl=transformer_engine (or auto on a GPU)")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    """How the model is split over ranks. Degrees are checked against the world size and the
+    model in megatron_r1.layout before any process group is created."""
+
+    tensor: int = 1
+    """Tensor-parallel degree (TP)."""
+    pipeline: int = 1
+    """Pipeline-parallel degree (PP)."""
+    virtual_pipeline: int | None = None
+    """Model chunks per pipeline rank for the interleaved schedule (None: plain 1F1B)."""
+    context: int = 1
+    """Context-parallel degree (CP)."""
+    expert: int = 1
+    """Expert-parallel degree (EP)."""
+    expert_tensor: int | None = None
+    """Tensor-parallel degree inside the experts (None: the same as TP, megatron's default)."""
+    sequence_parallel: bool | None = None
+    """Shard activations along the sequence in TP regions; None: on whenever TP > 1
+    (megatron-core requires it for MoE with TP > 1)."""
+    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """How tokens travel to their experts across EP ranks."""
+    distributed_optimizer: bool = True
+    """Shard optimizer states (and fp32 master weights) over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the forward pass."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; auto = NCCL with CUDA, gloo without."""
+    timeout_minutes: int = 30
+    """Collective timeout."""
+
+    def __post_init__(self) -> None:
+        _positive("parallel", self, "tensor", "pipeline", "virtual_pipeline", "context",
+                  "expert", "expert_tensor", "timeout_minutes")
+        if self.overlap_param_gather:
+            _require(self.distributed_optimizer, "parallel", "overlap_param_gather", True,
+                     "needs parallel.distributed_optimizer=true")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """The optimisation loop shared by every stage (SFT, GRPO)."""
+
+    steps: int = 60
+    """Optimizer steps to run."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward pass on one rank."""
+    seed: int = 1234
+    """Seed of model initialisation and sampling."""
+    stop_at_step: int | None = None
+    """Checkpoint and exit after this step, as a job that hits its time limit does; the
+    resumed run continues to train.steps with the same schedule (None: run to the end)."""
+
+    def __post_init__(self) -> None:
+        _positive("train", self, "steps", "global_batch_size", "micro_batch_size",
+                  "stop_at_step")
+        _require(self.global_batch_size % self.micro_batch_size == 0, "train", "global_batch_size",
+                 self.global_batch_size,
+                 f"must be a multiple of train.micro_batch_size={self.micro_batch_size}")
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule (megatron-core's optimizer and scheduler)."""
+
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """Adam is AdamW (decoupled weight decay)."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Floor of the decayed learning rate."""
+    lr_warmup_steps: int = 5
+    """Linear warm-up from 0 to `lr`."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay after warm-up, down to min_lr at lr_decay_steps."""
+    lr_decay_steps: int | None = None
+    """Steps over which the LR decays (None: train.steps)."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+    def __post_init__(self) -> None:
+        _positive("optim", self, "lr", "adam_eps", "lr_decay_steps")
+        _non_negative("optim", self, "min_lr", "lr_warmup_steps", "weight_decay", "clip_grad")
+        for key in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, key)
+            _require(0.0 <= value < 1.0, "optim", key, value, "must be in [0, 1)")
+        _require(self.min_lr <= self.lr, "optim", "min_lr", self.min_lr,
+                 f"cannot exceed optim.lr={self.lr}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where training text comes from and how it becomes token sequences."""
+
+    source: Literal["arithmetic", "jsonl"] = "arithmetic"
+    """`arithmetic`: the built-in multi-step arithmetic task (generated, no download);
+    `jsonl`: `path` holds one {"prompt": ..., "completion": ...} object per line."""
+    path: str | None = None
+    """JSONL file for source=jsonl."""
+    tokenizer: str | None = None
+    """Directory of a Hugging Face tokenizer; None builds the project's own small BPE
+    tokenizer for the arithmetic task (cached in the run directory)."""
+    template: Literal["r1_zero", "none"] = "r1_zero"
+    """Prompt template: the R1-Zero reasoning template or the raw prompt."""
+    seq_length: int = 128
+    """Tokens per training sequence (prompt + completion, padded)."""
+    num_train_samples: int = 4096
+    """Examples generated for training (arithmetic source)."""
+    num_eval_samples: int = 128
+    """Held-out examples (arithmetic source)."""
+    arithmetic_min_ops: int = 1
+    """Fewest operations in one arithmetic problem."""
+    arithmetic_max_ops: int = 3
+    """Most operations in one arithmetic problem."""
+    arithmetic_max_operand: int = 20
+    """Operands are drawn from 1..this."""
+    seed: int = 1234
+    """Seed of the generated problems and of the sample order (independent of train.seed, so
+    a new initialisation sees the same data and the same held-out set)."""
+
+    def __post_init__(self) -> None:
+        _positive("data", self, "seq_length", "num_train_samples", "num_eval_samples",
+                  "arithmetic_min_ops", "arithmetic_max_ops", "arithmetic_max_operand")
+        _require(self.arithmetic_min_ops <= self.arithmetic_max_ops, "data", "arithmetic_min_ops",
+                 self.arithmetic_min_ops,
+                 f"cannot exceed data.arithmetic_max_ops={self.arithmetic_max_ops}")
+        if self.source == "jsonl":
+            _require(bool(self.path), "data", "path", self.path, "is required for source=jsonl")
+
+
+@dataclass(kw_only=True, slots=True)
+class RolloutConfig:
+    """The rollout engine that samples completions for GRPO (vLLM)."""
+
+    engine: Literal["vllm"] = "vllm"
+    """Inference engine."""
+    tensor_parallel: int = 1
+    """Inference tensor-parallel degree of each engine."""
+    temperature: float = 1.0
+    """Sampling temperature (R1 stage 1: 1.0)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 64
+    """Longest completion (R1: 32,768)."""
+    gpu_memory_utilization: float = 0.5
+    """Share of GPU memory the colocated engine may take while awake."""
+    sleep_level: Literal[1, 2] = 1
+    """While training: 1 offloads weights to host and frees the KV cache, 2 drops both."""
+
+    def __post_init__(self) -> None:
+        _positive("rollout", self, "tensor_parallel", "max_new_tokens")
+        _require(self.temperature >= 0, "rollout", "temperature", self.temperature, "must be >= 0")
+        _require(0 < self.top_p <= 1, "rollout", "top_p", self.top_p, "must be in (0, 1]")
+        _require(0 < self.gpu_memory_utilization <= 1, "rollout", "gpu_memory_utilization",
+                 self.gpu_memory_utilization, "must be in (0, 1]")
+
+
+@dataclass(kw_only=True, slots=True)
+class GRPOConfig:
+    """The GRPO objective and its schedule (../shared/R1_RECIPE.md section 1-2)."""
+
+    group_size: int = 8
+    """Outputs sampled per question (G; R1: 16)."""
+    prompts_per_rollout: int = 16
+    """Questions per rollout; the rollout holds prompts_per_rollout x group_size outputs."""
+    mini_batches_per_rollout: int = 2
+    """Optimizer steps per rollout (the rollout is split at random; R1: 16)."""
+    clip_low: float = 0.2
+    """Lower clip of the importance ratio: 1 - clip_low."""
+    clip_high: float = 0.2
+    """Upper clip of the importance ratio: 1 + clip_high (DAPO clip-higher: larger)."""
+    kl_coef: float = 0.001
+    """beta, the weight of the KL penalty in the loss (0 disables the reference model)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator; k3 = exp(d) - d - 1 with d = logp_ref - logp (R1)."""
+    loss_aggregation: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = (
+        "seq_mean_token_mean")
+    """How per-token losses become one number (R1: seq_mean_token_mean)."""
+    std_normalize: bool = True
+    """Divide group advantages by the group std (Dr. GRPO: false)."""
+    ref_update_interval: int = 400
+    """Replace the reference model by the policy every this-many steps (0: never)."""
+    fused_loss: Literal["auto", "on", "off"] = "auto"
+    """Use the fused csrc kernel for the loss (auto: when the extension is built)."""
+
+    def __post_init__(self) -> None:
+        _positive("grpo", self, "group_size", "prompts_per_rollout", "mini_batches_per_rollout")
+        _non_negative("grpo", self, "clip_low", "clip_high", "kl_coef", "ref_update_interval")
+        _require(self.group_size >= 2, "grpo", "group_size", self.group_size,
+                 "must be >= 2 (advantages are relative within a group)")
+        _require(self.clip_low < 1.0, "grpo", "clip_low", self.clip_low, "must be < 1")
+        rollout = self.group_size * self.prompts_per_rollout
+        _require(rollout % self.mini_batches_per_rollout == 0, "grpo", "mini_batches_per_rollout",
+                 self.mini_batches_per_rollout,
+                 f"must divide the rollout size group_size x prompts_per_rollout = {rollout}")
+
+
+@dataclass(kw_only=True, slots=True)
+class RewardConfig:
+    """Rule-based rewards: total = sum of weight x component."""
+
+    accuracy_weight: float = 1.0
+    """Weight of the verified-answer reward."""
+    format_weight: float = 1.0
+    """Weight of the R1-Zero <think>/<answer> format reward."""
+    language_weight: float = 0.0
+    """Weight of the language-consistency reward (share of target-language words in the CoT)."""
+    target_language: Literal["en", "zh"] = "en"
+    """Target language of the chain of thought."""
+    timeout_s: float = 5.0
+    """A reward function that runs longer scores 0 (and is counted)."""
+
+    def __post_init__(self) -> None:
+        _positive("reward", self, "timeout_s")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """megatron dist_checkpointing save and resume."""
+
+    save_interval: int = 0
+    """Save every this-many steps (0: only at the end)."""
+    save_dir: str | None = None
+    """Where checkpoints go (None: <run_dir>/checkpoints)."""
+    load_dir: str | None = None
+    """Initialise from this checkpoint (a step directory, or a directory with a `latest`
+    marker) when the run has none of its own yet; a run that has its own checkpoints in
+    save_dir always resumes from its latest (requeue-safe)."""
+    load_optimizer: bool = True
+    """With load_dir: also restore optimizer, scheduler, RNG and data position (false:
+    weights only, e.g. to start a new stage from a finished one)."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints (0: keep all)."""
+
+    def __post_init__(self) -> None:
+        _non_negative("checkpoint", self, "save_interval", "keep_last")
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    """Where the run writes its outputs and how it reports progress."""
+
+    run_dir: str = "runs/tiny_moe_cpu"
+    """Directory of this run: resolved config, metrics, TensorBoard events, checkpoints."""
+    log_interval: int = 1
+    """Write metrics every this-many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard events next to metrics.jsonl."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+
+    def __post_init__(self) -> None:
+        _positive("logging", self, "log_interval")
+        _require(bool(self.run_dir), "logging", "run_dir", self.run_dir, "must not be empty")
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    """The whole run. Sections are passed individually to the code that needs them."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.seq_length > self.model.max_position_embeddings:
+            raise ValueError(
+                f"data.seq_length={self.data.seq_length}: exceeds "
+                f"model.max_position_embeddings={self.model.max_position_embeddings}")

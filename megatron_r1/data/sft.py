@@ -1,0 +1,382 @@
+"""SFT data: (prompt, completion) examples, fixed-length Megatron samples, per-step batches.
+
+Layer L1 (torch + transformers). Key decisions:
+- Megatron's input/label convention: a sample holds S + 1 ids, `bos prompt completion eos pad...`;
+  `tokens = ids[:-1]`, `labels = ids[1:]`, and the loss mask is 1 exactly where the label is a
+  completion token or the eos. Prompt and completion are tokenized separately, as at rollout
+  time (the engine tokenizes the prompt and generates completion ids after it), so the mask
+  boundary is exact and SFT sees the ids the policy will see in GRPO.
+- The batch order is a function of (seed, epoch, position in the epoch) only. A step's global
+  batch is the next `global_batch_size` samples of the epoch's permutation whatever the
+  data-parallel size; ranks take Megatron's slices of it. Resuming needs two numbers (epoch,
+  samples consumed in it), identical on every rank and valid under another DP size.
+- The permutation is a Fisher-Yates shuffle driven by `random.Random.random()`, whose output
+  Python guarantees across versions, so a resume after an upgrade sees the same order.
+
+Shapes: N samples in a data set, S = seq_length, B = micro_batch_size, G = global_batch_size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from megatron_r1.config.schema import DataConfig
+from megatron_r1.data.arithmetic import Problem, arithmetic_splits, write_solution
+from megatron_r1.data.template import render_prompt
+
+logger = logging.getLogger(__name__)
+
+MicroBatch = dict[str, torch.Tensor]
+"""`tokens`, `labels`, `position_ids` int64 [B, S]; `loss_mask` float32 [B, S];
+`sample_index` int64 [B] (rows of the data set, for logging and tests)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SFTExample:
+    """One supervised example: the full prompt text and the completion to learn."""
+
+    prompt: str
+    completion: str
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+def read_jsonl(path: str | Path) -> list[SFTExample]:
+    """Read `{"prompt": str, "completion": str}` objects, one per line (blank lines skipped).
+
+    Args:
+        path: The JSONL file. Keys other than prompt and completion are ignored.
+
+    Returns:
+        The examples in file order, prompts as written (no template applied).
+
+    Raises:
+        ValueError: naming the file and the 1-based line for bad UTF-8, bad JSON, a value that
+            is not an object, a missing key or a non-string value; naming the file when it is
+            missing or holds no example.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    examples = []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")  # keeps error columns on the line
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not UTF-8 ({err.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected an object with keys 'prompt' and "
+                                 f"'completion', got a JSON {type(obj).__name__}")
+            for key in ("prompt", "completion"):
+                if key not in obj:
+                    raise ValueError(f"{where}: missing key {key!r}")
+                if not isinstance(obj[key], str):
+                    raise ValueError(f"{where}: {key!r} must be a string, got "
+                                     f"{type(obj[key]).__name__} {obj[key]!r}")
+            examples.append(SFTExample(prompt=obj["prompt"], completion=obj["completion"]))
+    if not examples:
+        raise ValueError(f"{path}: holds no examples")
+    return examples
+
+
+def arithmetic_examples(data: DataConfig, *,
+                        seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
+    """Solver-written train and eval examples of the arithmetic task.
+
+    Args:
+        data: Uses the sample counts, the arithmetic_* ranges and the template.
+        seed: Seed of the problem stream.
+
+    Returns:
+        (train, eval): prompts rendered with data.template, completions from the solver.
+    """
+    splits = arithmetic_splits(data, seed=seed)
+
+    def example(problem: Problem) -> SFTExample:
+        return SFTExample(prompt=render_prompt(problem.question, data.template),
+                          completion=write_solution(problem))
+
+    return [example(p) for p in splits.train], [example(p) for p in splits.eval]
+
+
+def sft_examples(data: DataConfig, *, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
+    """The (train, eval) examples data.source names; a JSONL source has no eval split.
+
+    Args:
+        data: The data config.
+        seed: Seed of the generated problems (arithmetic source).
+
+    Returns:
+        (train, eval) with data.template applied to every prompt.
+    """
+    if data.source == "arithmetic":
+        return arithmetic_examples(data, seed=seed)
+    assert data.path is not None  # DataConfig checks it for source=jsonl
+    train = [SFTExample(render_prompt(e.prompt, data.template), e.completion)
+             for e in read_jsonl(data.path)]
+    return train, []
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+@dataclass(frozen=True)
+class SFTDataset:
+    """Tokenized examples as fixed-length Megatron samples."""
+
+    tokens_NS: torch.Tensor
+    """int64 [N, S]: model input, ids[:-1]."""
+    labels_NS: torch.Tensor
+    """int64 [N, S]: next token, ids[1:] (pad where masked)."""
+    loss_mask_NS: torch.Tensor
+    """float32 [N, S]: 1 where the label is a completion token or eos."""
+    num_dropped: int
+    """Examples dropped for being longer than S + 1 tokens."""
+
+    def __len__(self) -> int:
+        return self.tokens_NS.shape[0]
+
+    @property
+    def seq_length(self) -> int:
+        return self.tokens_NS.shape[1]
+
+    def batch(self, index_B: torch.Tensor) -> MicroBatch:
+        """Stack the samples at `index_B` (int64 [B]) into one micro-batch [B, S]."""
+        batch_size = index_B.shape[0]
+        return {
+            "tokens": self.tokens_NS[index_B],
+            "labels": self.labels_NS[index_B],
+            "loss_mask": self.loss_mask_NS[index_B],
+            "position_ids": torch.arange(self.seq_length).repeat(batch_size, 1),
+            "sample_index": index_B.clone(),
+        }
+
+
+def tokenize_sft(examples: Sequence[SFTExample], tokenizer: PreTrainedTokenizerBase,
+                 seq_length: int) -> SFTDataset:
+    """Tokenize examples into `bos prompt completion eos` samples, padded to S + 1 ids.
+
+    The bos is left out for a tokenizer without one (e.g. Qwen's); the pad token is eos for a
+    tokenizer without one (padding is never in the loss).
+
+    Args:
+        examples: The examples, prompts already templated.
+        tokenizer: A tokenizer with an eos token.
+        seq_length: S, the model's sequence length.
+
+    Returns:
+        The data set, without the examples that need more than S + 1 ids (counted in
+        `num_dropped` and logged).
+
+    Raises:
+        ValueError: for no examples, a tokenizer without eos, or when every example is too long.
+    """
+    if not examples:
+        raise ValueError("no SFT examples to tokenize")
+    if seq_length < 1:
+        raise ValueError(f"seq_length={seq_length}: must be >= 1")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos token; SFT needs one "
+                         "to end completions")
+    head = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([e.completion for e in examples], add_special_tokens=False)[
+        "input_ids"]
+
+    rows, masks, shortest = [], [], None
+    for prompt_ids, completion_ids in zip(prompts, completions):
+        ids = head + prompt_ids + completion_ids + [eos]
+        if len(ids) > seq_length + 1:
+            shortest = len(ids) if shortest is None else min(shortest, len(ids))
+            continue
+        # Label j is ids[j + 1]: the first completion id is the label at position start - 1.
+        start = max(len(head) + len(prompt_ids) - 1, 0)
+        rows.append(ids + [pad] * (seq_length + 1 - len(ids)))
+        masks.append([0.0] * start + [1.0] * (len(ids) - 1 - start)
+                     + [0.0] * (seq_length + 1 - len(ids)))
+    num_dropped = len(examples) - len(rows)
+    if not rows:
+        raise ValueError(
+            f"all {len(examples)} examples are longer than seq_length={seq_length} allows "
+            f"({seq_length + 1} ids with bos and eos; the shortest needs {shortest}): raise "
+            "data.seq_length")
+    if num_dropped:
+        logger.warning("dropped %d of %d SFT examples longer than seq_length + 1 = %d tokens",
+                       num_dropped, len(examples), seq_length + 1)
+    ids_NL = torch.tensor(rows, dtype=torch.int64)  # L = S + 1
+    return SFTDataset(tokens_NS=ids_NL[:, :-1].contiguous(), labels_NS=ids_NL[:, 1:].contiguous(),
+                      loss_mask_NS=torch.tensor(masks, dtype=torch.float32),
+                      num_dropped=num_dropped)
+
+
+def sft_datasets(data: DataConfig, tokenizer: PreTrainedTokenizerBase, *,
+                 seed: int) -> tuple[SFTDataset, SFTDataset | None]:
+    """The train and (if any) eval data sets a data config describes.
+
+    Args:
+        data: Source, template and seq_length.
+        tokenizer: See `tokenize_sft`.
+        seed: Seed of the generated problems (arithmetic source).
+
+    Returns:
+        (train, eval); eval is None for a source without an eval split.
+    """
+    train, evaluation = sft_examples(data, seed=seed)
+    eval_set = tokenize_sft(evaluation, tokenizer, data.seq_length) if evaluation else None
+    return tokenize_sft(train, tokenizer, data.seq_length), eval_set
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What one rank trains on in one optimizer step."""
+
+    micro_batches: list[MicroBatch]
+    """This rank's micro-batches, in order (see `MicroBatch`)."""
+    global_loss_tokens: int
+    """Sum of the loss mask over the whole global batch (every micro-batch of every
+    data-parallel rank): the loss denominator, known without a collective."""
+    epoch: int
+    """Epoch the step's samples come from."""
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch: a permutation of range(num_samples).
+
+    A Fisher-Yates shuffle driven by `random.Random.random()` (stable across Python versions),
+    seeded by a string naming (seed, epoch).
+    """
+    rng = random.Random(f"sft-order:{seed}:{epoch}")
+    order = list(range(num_samples))
+    for i in range(num_samples - 1, 0, -1):
+        j = min(int(rng.random() * (i + 1)), i)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+class SFTBatchSource:
+    """Deterministic, resumable per-step batches of one data-parallel rank.
+
+    Each epoch is a fresh permutation of the data set; a step takes the next G samples of it
+    (the last N mod G samples of an epoch are skipped, as Megatron's random sampler does).
+    Micro-batch m of rank r holds global positions [m B D + r B, m B D + (r + 1) B) of the step
+    (D = dp_size), Megatron's layout, so the global batch does not depend on D.
+    """
+
+    def __init__(self, dataset: SFTDataset, *, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, seed: int) -> None:
+        """Args:
+            dataset: The tokenized samples.
+            global_batch_size: G, samples per optimizer step over all ranks.
+            micro_batch_size: B, samples per forward/backward on one rank.
+            dp_rank: This rank's data-parallel index in [0, dp_size).
+            dp_size: D, the data-parallel size.
+            seed: Seed of the sample order (the same on every rank).
+
+        Raises:
+            ValueError: for a bad rank, G not a multiple of B x D, or G > N.
+        """
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank}, dp_size={dp_size}: need 0 <= dp_rank < dp_size")
+        if micro_batch_size < 1:
+            raise ValueError(f"train.micro_batch_size={micro_batch_size}: must be >= 1")
+        per_round = micro_batch_size * dp_size
+        if global_batch_size < 1 or global_batch_size % per_round != 0:
+            raise ValueError(
+                f"train.global_batch_size={global_batch_size}: must be a positive multiple of "
+                f"train.micro_batch_size x data-parallel size = {micro_batch_size} x {dp_size}")
+        if global_batch_size > len(dataset):
+            raise ValueError(f"train.global_batch_size={global_batch_size}: larger than the "
+                             f"{len(dataset)} samples of the data set")
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.seed = seed
+        self.num_micro_batches = global_batch_size // per_round
+        self._epoch = 0
+        self._epoch_consumed = 0
+        self._consumed = 0
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation [N])
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            order = epoch_permutation(len(self.dataset), self.seed, epoch)
+            self._order = (epoch, torch.tensor(order, dtype=torch.int64))
+        return self._order[1]
+
+    def next_step(self) -> StepBatch:
+        """This rank's micro-batches for the next optimizer step; advances the state."""
+        if self._epoch_consumed + self.global_batch_size > len(self.dataset):
+            self._epoch += 1
+            self._epoch_consumed = 0
+        start = self._epoch_consumed
+        index_G = self._permutation(self._epoch)[start:start + self.global_batch_size]
+        b, d = self.micro_batch_size, self.dp_size
+        offsets = [m * b * d + self.dp_rank * b for m in range(self.num_micro_batches)]
+        micro_batches = [self.dataset.batch(index_G[o:o + b]) for o in offsets]
+        global_loss_tokens = int(self.dataset.loss_mask_NS[index_G].sum().item())
+        self._epoch_consumed += self.global_batch_size
+        self._consumed += self.global_batch_size
+        return StepBatch(micro_batches=micro_batches, global_loss_tokens=global_loss_tokens,
+                         epoch=self._epoch)
+
+    def __iter__(self) -> Iterator[StepBatch]:
+        while True:
+            yield self.next_step()
+
+    def state_dict(self) -> dict[str, int]:
+        """The position in the sample stream; the same on every rank and for any DP size.
+
+        Returns:
+            `epoch`, `epoch_consumed_samples` (samples of that epoch already trained on),
+            `consumed_samples` (total, for logging), and `seed` and `num_samples` (checked on
+            load: a different order or data set cannot continue the same stream).
+        """
+        return {"epoch": self._epoch, "epoch_consumed_samples": self._epoch_consumed,
+                "consumed_samples": self._consumed, "seed": self.seed,
+                "num_samples": len(self.dataset)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a `state_dict()`, possibly saved under another DP size.
+
+        Raises:
+            ValueError: for a missing key, or a state from another seed or data set size.
+        """
+        for key in ("epoch", "epoch_consumed_samples", "consumed_samples", "seed",
+                    "num_samples"):
+            if key not in state:
+                raise ValueError(f"data state: missing key {key!r} (got {sorted(state)})")
+        for key, mine in (("seed", self.seed), ("num_samples", len(self.dataset))):
+            if state[key] != mine:
+                raise ValueError(
+                    f"data state: saved {key}={state[key]} differs from this run's {key}={mine}; "
+                    "the sample order could not continue")
+        if not 0 <= state["epoch_consumed_samples"] <= len(self.dataset):
+            raise ValueError(f"data state: epoch_consumed_samples={state['epoch_consumed_samples']}"
+                             f" is outside 0..{len(self.dataset)}")
+        self._epoch = state["epoch"]
+        self._epoch_consumed = state["epoch_consumed_samples"]
+        self._consumed = state["consumed_samples"]

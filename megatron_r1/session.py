@@ -1,0 +1,117 @@
+"""Everything a training stage needs before its first step, and after its last.
+
+Layer L3. In order: find this process's rank (launcher env), check the layout against the
+world size (before any process group exists), start the process groups, write the resolved
+config, build and wrap the model, build the optimizer, and restore state: the run's own
+latest checkpoint if it has one (a requeued job resumes), else `checkpoint.load_dir` if set.
+SFT and GRPO share it, so both resume, log and save the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_r1.checkpoint.dist_ckpt import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_r1.config import Config, write_resolved_config
+from megatron_r1.layout import resolve_layout
+from megatron_r1.metrics import MetricsWriter
+from megatron_r1.model.build import build_model
+from megatron_r1.optim import (
+    MegatronOptimizer,
+    OptimizerParamScheduler,
+    build_optimizer,
+    wrap_for_training,
+)
+from megatron_r1.parallel.init import ParallelContext, destroy_parallel, init_parallel
+from megatron_r1.parallel.launch_env import LaunchEnv, discover
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """A started training stage on this rank."""
+
+    cfg: Config
+    ctx: ParallelContext
+    model: list[torch.nn.Module]
+    """This rank's DDP-wrapped model chunks."""
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    run_dir: Path
+    checkpoint_dir: Path
+    metrics: MetricsWriter
+    start_step: int = 0
+    """Optimizer steps already done (restored from a checkpoint)."""
+    trainer_state: dict[str, Any] = field(default_factory=dict)
+    """What the stage saved with its last checkpoint (e.g. the data position)."""
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.ctx.rank == 0
+
+    def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
+        """Checkpoint `step` (collective)."""
+        return save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer,
+                               self.scheduler, trainer_state, self.ctx,
+                               keep_last=self.cfg.checkpoint.keep_last)
+
+
+def _initial_checkpoint(cfg: Config, own: Path) -> tuple[Path | None, bool]:
+    """(checkpoint to load, whether it is the run's own, i.e. a full resume)."""
+    mine = latest_checkpoint(own)
+    if mine is not None:
+        return mine, True
+    if cfg.checkpoint.load_dir is None:
+        return None, False
+    given = Path(cfg.checkpoint.load_dir)
+    found = latest_checkpoint(given) or (given if (given / "megatron_r1.json").is_file() else None)
+    if found is None:
+        raise FileNotFoundError(f"checkpoint.load_dir={cfg.checkpoint.load_dir!r}: no checkpoint "
+                                "there (neither a step directory nor a `latest` marker)")
+    return found, False
+
+
+def start_session(cfg: Config, launch: LaunchEnv | None = None) -> Session:
+    """Start a training stage on this rank (collective over the job's processes)."""
+    launch = launch or discover()
+    layout = resolve_layout(cfg.parallel, cfg.model, cfg.train, launch.world_size,
+                            cfg.data.seq_length)
+    ctx = init_parallel(layout, cfg.parallel, launch, cfg.train.seed)
+    run_dir = Path(cfg.logging.run_dir)
+    if ctx.rank == 0:
+        write_resolved_config(cfg, run_dir)
+    chunks = build_model(cfg.model, cfg.parallel, ctx)
+    model: list[torch.nn.Module] = list(wrap_for_training(chunks, cfg.model, cfg.parallel, ctx))
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.model, cfg.parallel,  # type: ignore[arg-type]
+                                           cfg.train.steps, ctx)
+    checkpoint_dir = Path(cfg.checkpoint.save_dir or run_dir / "checkpoints")
+    path, own = _initial_checkpoint(cfg, checkpoint_dir)
+    start_step, trainer_state = 0, {}
+    if path is not None:
+        full = own or cfg.checkpoint.load_optimizer
+        state = load_checkpoint(path, model, optimizer if full else None,
+                                scheduler if full else None, ctx)
+        if full:
+            start_step, trainer_state = state.pop("step"), state
+        if ctx.rank == 0:
+            log.info("loaded %s (%s)", path, "resume" if own else
+                     "initialisation" + ("" if full else ", weights only"))
+    dist.barrier()
+    metrics = MetricsWriter(run_dir, enabled=ctx.rank == 0,
+                            tensorboard=cfg.logging.tensorboard, start_step=start_step)
+    return Session(cfg=cfg, ctx=ctx, model=model, optimizer=optimizer, scheduler=scheduler,
+                   run_dir=run_dir, checkpoint_dir=checkpoint_dir, metrics=metrics,
+                   start_step=start_step, trainer_state=trainer_state)
+
+
+def end_session(session: Session) -> None:
+    """Flush metrics and tear the process groups down."""
+    session.metrics.close()
+    destroy_parallel()

@@ -1,0 +1,120 @@
+"""Supervised fine-tuning: the R1 cold-start stage (also rejection-sampled SFT, distillation).
+
+Layer L3. The loop reads top to bottom: batches, one optimizer step, metrics, checkpoint.
+The loss is the token-level cross-entropy on completion tokens, summed over the step and
+divided by the step's total number of completion tokens over all micro-batches and
+data-parallel ranks (megatron's calculate_per_token_loss), so the result does not depend on
+how the global batch is split.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_r1.config import Config
+from megatron_r1.data.sft import MicroBatch, SFTBatchSource, SFTDataset, sft_datasets
+from megatron_r1.data.tokenizer import resolve_tokenizer
+from megatron_r1.schedule import LossFn
+from megatron_r1.session import Session, end_session, start_session
+from megatron_r1.train_step import eval_step, train_step
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ["loss"]
+
+
+def _masked_loss(loss_mask_BS: torch.Tensor,
+                 token_loss_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                       dict[str, torch.Tensor]]:
+    """megatron loss-function contract: (loss sum, loss-token count, {key: [sum, count]})."""
+    loss_sum = (token_loss_BS.float() * loss_mask_BS).sum()
+    num_tokens = loss_mask_BS.sum().to(torch.int)
+    return loss_sum, num_tokens, {"loss": torch.stack([loss_sum.detach(),
+                                                       num_tokens.detach().float()])}
+
+
+def sft_forward_step(batch: MicroBatch, model: torch.nn.Module) -> tuple[torch.Tensor, LossFn]:
+    """GPTModel with labels returns the per-token cross-entropy [b, s] (vocab-parallel under
+    TP); on a non-last pipeline stage it returns hidden states and the loss fn is unused."""
+    token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return token_loss, functools.partial(_masked_loss, batch["loss_mask"])
+
+
+def _eval_batches(dataset: SFTDataset, session: Session) -> list[MicroBatch]:
+    """This rank's share of the whole eval set, in fixed order (whole micro-batches only)."""
+    layout, b = session.ctx.layout, session.cfg.train.micro_batch_size
+    usable = len(dataset) // (b * layout.data) * (b * layout.data)
+    rows = torch.arange(usable).view(-1, layout.data, b)[:, session.ctx.dp_rank]
+    return [dataset.batch(index_B) for index_B in rows]
+
+
+def run_sft(cfg: Config) -> dict[str, float]:
+    """Train `cfg.train.steps` optimizer steps of SFT; return the last step's metrics plus
+    held-out loss before and after (`eval_loss_start`, `eval_loss_end`)."""
+    session = start_session(cfg)
+    try:
+        return _train(cfg, session)
+    finally:
+        end_session(session)
+
+
+def _train(cfg: Config, session: Session) -> dict[str, float]:
+    ctx = session.ctx
+    if ctx.rank == 0:  # build once, then every rank loads the same files
+        tokenizer = resolve_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size,
+                                      cache_dir=session.run_dir)
+    dist.barrier()
+    if ctx.rank != 0:
+        tokenizer = resolve_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size,
+                                      cache_dir=session.run_dir)
+    train_set, eval_set = sft_datasets(cfg.data, tokenizer, seed=cfg.data.seed)
+    source = SFTBatchSource(train_set, global_batch_size=cfg.train.global_batch_size,
+                            micro_batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp_rank,
+                            dp_size=ctx.layout.data, seed=cfg.data.seed)
+    if "data" in session.trainer_state:
+        source.load_state_dict(session.trainer_state["data"])
+    seq = cfg.data.seq_length
+    evaluate = functools.partial(eval_step, session.model, forward_step=sft_forward_step,
+                                 metric_keys=METRIC_KEYS, ctx=ctx, seq_length=seq)
+    eval_batches = _eval_batches(eval_set, session) if eval_set is not None else []
+
+    summary: dict[str, float] = {}
+    if eval_batches:
+        summary["eval_loss_start"] = evaluate(eval_batches)["loss"]
+    bar = tqdm(total=cfg.train.steps, initial=session.start_step, desc="sft", unit="step",
+               disable=not (session.is_logging_rank and cfg.logging.progress_bar))
+    metrics: dict[str, float] = {}
+    last = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+    for step in range(session.start_step + 1, last + 1):
+        batch = source.next_step()
+        result = train_step(session.model, session.optimizer, session.scheduler,
+                            batch.micro_batches, sft_forward_step, METRIC_KEYS, ctx,
+                            seq_length=seq)
+        metrics = dict(result.metrics)
+        metrics["tokens_per_s"] = cfg.train.global_batch_size * seq / metrics["step_time_s"]
+        metrics["loss_tokens"] = float(batch.global_loss_tokens)
+        metrics["epoch"] = float(batch.epoch)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"step {step}: loss is {metrics['loss']}")
+        if step % cfg.logging.log_interval == 0 or step == last:
+            session.metrics.log(step, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3f}")
+        bar.update(1)
+        interval = cfg.checkpoint.save_interval
+        if (interval and step % interval == 0) or step == last:
+            start = time.perf_counter()
+            path = session.save(step, {"data": source.state_dict()})
+            if session.is_logging_rank:
+                log.info("saved %s in %.1f s", path, time.perf_counter() - start)
+    bar.close()
+    if eval_batches:
+        summary["eval_loss_end"] = evaluate(eval_batches)["loss"]
+        session.metrics.log(last, {"eval_loss": summary["eval_loss_end"]})
+    return {**metrics, **summary}

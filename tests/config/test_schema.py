@@ -1,0 +1,38 @@
+"""Range and cross-field validation of each config section, with the message asserted."""
+
+import pytest
+
+from megatron_r1.config import load_config
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.seq_length=-5"], r"data.seq_length=-5: must be > 0"),
+    (["data.seq_length=0"], r"data.seq_length=0: must be > 0"),
+    (["rollout.max_new_tokens=-1"], r"rollout.max_new_tokens=-1: must be > 0"),
+    (["model.num_query_groups=3"], r"model.num_query_groups=3: must divide num_attention_heads=4"),
+    (["model.moe_router_topk=5"], r"model.moe_router_topk=5: cannot exceed model.num_experts=4"),
+    (["model.moe_first_dense_layers=2"], r"model.moe_first_dense_layers=2: must be < model.num_layers=2"),
+    (["model.moe_router_num_groups=2"], r"must be set together, got 2 and None"),
+    (["model.moe_router_num_groups=3", "model.moe_router_group_topk=1"],
+     r"model.moe_router_num_groups=3: must divide model.num_experts=4"),
+    (["model.position_embedding=yarn"], r"model.position_embedding='yarn': YaRN is supported with"),
+    (["model.fp8=e4m3", "model.transformer_impl=local"], r"model.fp8='e4m3': FP8 needs"),
+    (["model.hidden_size=66"], r"model.hidden_size=66: must be divisible by num_attention_heads=4"),
+    (["optim.min_lr=1.0"], r"optim.min_lr=1.0: cannot exceed optim.lr"),
+    (["optim.adam_beta2=1.0"], r"optim.adam_beta2=1.0: must be in \[0, 1\)"),
+    (["train.global_batch_size=10"], r"train.global_batch_size=10: must be a multiple of train.micro_batch_size=4"),
+    (["grpo.group_size=1"], r"grpo.group_size=1: must be >= 2"),
+    (["grpo.clip_low=1.5"], r"grpo.clip_low=1.5: must be < 1"),
+    (["grpo.mini_batches_per_rollout=3"], r"grpo.mini_batches_per_rollout=3: must divide the rollout size"),
+    (["rollout.top_p=0"], r"rollout.top_p=0.0: must be in \(0, 1\]"),
+    (["data.source=jsonl"], r"data.path=None: is required for source=jsonl"),
+    (["data.arithmetic_min_ops=4"], r"data.arithmetic_min_ops=4: cannot exceed data.arithmetic_max_ops=3"),
+    (["parallel.overlap_param_gather=true", "parallel.distributed_optimizer=false"],
+     r"parallel.overlap_param_gather=True: needs parallel.distributed_optimizer=true"),
+    (["parallel.tensor=0"], r"parallel.tensor=0: must be > 0"),
+    (["checkpoint.keep_last=-1"], r"checkpoint.keep_last=-1: must be >= 0"),
+    (["data.seq_length=8192"], r"data.seq_length=8192: exceeds model.max_position_embeddings=4096"),
+])
+def test_invalid_values_fail_with_the_key_and_value(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)

@@ -1,0 +1,63 @@
+"""Layout arithmetic: every divisibility rule, checked before any process group exists."""
+
+import pytest
+
+from megatron_r1.config import load_config
+from megatron_r1.layout import padded_vocab_size, resolve_layout
+
+
+def layout(world, *overrides, seq=128):
+    cfg = load_config(None, list(overrides))
+    return resolve_layout(cfg.parallel, cfg.model, cfg.train, world, seq)
+
+
+@pytest.mark.parametrize(("world", "overrides", "expect"), [
+    (1, [], dict(data=1, expert_data=1, num_microbatches=4, sequence_parallel=False)),
+    (2, ["parallel.tensor=2"], dict(data=1, expert_data=1, expert_tensor=2, sequence_parallel=True)),
+    (2, ["parallel.expert=2"], dict(data=2, expert_data=1, num_microbatches=2)),
+    (4, ["parallel.expert=2"], dict(data=4, expert_data=2, num_microbatches=1)),
+    (4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1"],
+     dict(data=2, expert_data=2, expert_tensor=1)),
+    (2, ["parallel.pipeline=2"], dict(data=1, num_microbatches=4)),
+    (8, ["parallel.tensor=2", "parallel.pipeline=2", "train.global_batch_size=32"],
+     dict(data=2, num_microbatches=4)),
+])
+def test_valid_layouts(world, overrides, expect):
+    got = layout(world, *overrides)
+    for key, value in expect.items():
+        assert getattr(got, key) == value, key
+
+
+@pytest.mark.parametrize(("world", "overrides", "message"), [
+    (3, ["parallel.tensor=2"], r"parallel.tensor=2 x parallel.pipeline=1 x parallel.context=1 = 2 does not divide the world size 3"),
+    (6, ["parallel.expert=4", "model.num_experts=8"],
+     r"parallel.expert_tensor=1 x parallel.expert=4 x parallel.pipeline=1 = 4 does not divide the world size 6"),
+    (2, ["parallel.tensor=2", "model.moe_ffn_hidden_size=63"],
+     r"parallel.expert_tensor=2 does not divide model.moe_ffn_hidden_size=63"),
+    (2, ["parallel.tensor=2", "data.seq_length=128"], None),
+    (4, ["parallel.expert=4", "model.num_experts=6"], r"parallel.expert=4 does not divide model.num_experts=6"),
+    (2, ["parallel.expert=2", "model.num_experts=0"], r"parallel.expert=2: the model has no experts"),
+    (2, ["parallel.expert=3"], r"parallel.expert_tensor=1 x parallel.expert=3 x parallel.pipeline=1 = 3 does not divide the world size 2"),
+    (4, ["parallel.pipeline=4", "train.global_batch_size=16"], r"model.num_layers=2 is not divisible by parallel.pipeline=4"),
+    (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"], r"model.num_layers=2 is not divisible by parallel.pipeline=2 x parallel.virtual_pipeline=2"),
+    (1, ["parallel.virtual_pipeline=2"], r"parallel.virtual_pipeline=2 needs parallel.pipeline > 1"),
+    (8, ["parallel.tensor=8"], r"parallel.tensor=8 does not divide model.num_attention_heads=4"),
+    (2, ["parallel.tensor=2", "parallel.sequence_parallel=false"], r"megatron-core requires sequence parallelism for MoE"),
+    (2, ["parallel.tensor=2", "model.num_attention_heads=2", "model.hidden_size=64"], None),
+    (2, ["parallel.context=2"], r"data.seq_length=130 must be divisible by 2 x parallel.context=4"),
+    (4, ["train.global_batch_size=8", "train.micro_batch_size=4"], r"train.global_batch_size=8 is not divisible by train.micro_batch_size=4 x data-parallel size 4"),
+])
+def test_invalid_layouts_name_keys_and_values(world, overrides, message):
+    seq = 130 if any("context" in o for o in overrides) else 128
+    if message is None:  # a control: the same shape of layout that is valid
+        layout(world, *overrides, seq=seq)
+        return
+    with pytest.raises(ValueError, match=message):
+        layout(world, *overrides, seq=seq)
+
+
+def test_vocab_padding_matches_megatron():
+    assert padded_vocab_size(512, 128, 1) == 512
+    assert padded_vocab_size(513, 128, 2) == 768
+    assert padded_vocab_size(151936, 128, 8) == 152576
+    assert padded_vocab_size(129280, 128, 1) == 129280
