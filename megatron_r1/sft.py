@@ -88,6 +88,7 @@ def _train(cfg: Config, session: Session) -> dict[str, float]:
     summary: dict[str, float] = {}
     if eval_batches:
         summary["eval_loss_start"] = evaluate(eval_batches)["loss"]
+        session.metrics.log(session.start_step, {"eval_loss": summary["eval_loss_start"]})
     bar = tqdm(total=cfg.train.steps, initial=session.start_step, desc="sft", unit="step",
                disable=not (session.is_logging_rank and cfg.logging.progress_bar))
     metrics: dict[str, float] = {}

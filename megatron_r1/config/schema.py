@@ -66,8 +66,9 @@ class ModelConfig:
     """Epsilon of the normalisation layers."""
     activation: Literal["swiglu", "gelu"] = "swiglu"
     """FFN activation; swiglu doubles the first FFN projection (gate and up)."""
-    qk_layernorm: bool = False
-    """RMSNorm on queries and keys (Qwen3)."""
+    qk_layernorm: bool = True
+    """RMSNorm on queries and keys (Qwen3; the tiny model is a Qwen3-MoE-architecture model,
+    so that the rollout engine and the HF export load it as one)."""
     tie_embeddings: bool = False
     """Share the input embedding with the output layer."""
     init_method_std: float = 0.02

@@ -21,7 +21,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron_r1.config.schema import ModelConfig, ParallelConfig
-from megatron_r1.layout import Layout, padded_vocab_size
+from megatron_r1.layout import padded_vocab_size
 from megatron_r1.model.attention import LatentDotProductAttention
 from megatron_r1.model.norm import SequenceParallelTorchNorm
 from megatron_r1.model.transformer_config import build_transformer_config, use_transformer_engine

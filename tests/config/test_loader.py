@@ -44,7 +44,7 @@ def test_set_overrides_win_over_the_file(tmp_path):
 
 @pytest.mark.parametrize("text", ["model.num_layers", "num_layers=3", "a.b.c=1", ".x=1"])
 def test_malformed_set_is_rejected(text):
-    with pytest.raises(ValueError, match="expected section.key=value"):
+    with pytest.raises(ValueError, match=r"expected section\.key=value"):
         parse_override(text)
 
 

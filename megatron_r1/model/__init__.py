@@ -1,0 +1,1 @@
+"""The policy as megatron-core GPTModel chunks (L2)."""

@@ -1,0 +1,29 @@
+"""The command line: bad input ends with exit code 2 and one line naming the problem, before
+any process group exists."""
+
+from __future__ import annotations
+
+import pytest
+
+from procs import run_module
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--set", "parallel.tensor=3"],
+     "parallel.tensor=3 x parallel.pipeline=1 x parallel.context=1 = 3 does not divide the world size 1"),
+    (["--set", "model.num_layers=zero"], "model.num_layers: expected int, got str 'zero'"),
+    (["--set", "grpo.kl_estimator=k9"], "grpo.kl_estimator: expected 'k1' | 'k2' | 'k3'"),
+    (["--config", "configs/nope.yaml"], "config file not found: configs/nope.yaml"),
+    (["--set", "train.micro_batch_size=3"], "train.global_batch_size=16: must be a multiple of"),
+])
+def test_bad_input_is_reported_before_process_groups(args, message):
+    proc = run_module(["sft", *args], check=False, timeout=120)
+    assert proc.returncode == 2
+    assert f"megatron-r1 sft: error: {message}" in proc.stderr
+    assert "rank 0/1" not in proc.stderr  # init_parallel logs this line once groups exist
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_lists_the_commands():
+    proc = run_module(["--help"], check=False)
+    assert proc.returncode == 0 and "sft" in proc.stdout
