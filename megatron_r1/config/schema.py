@@ -409,9 +409,11 @@ class RewardConfig:
     """Target language of the chain of thought."""
     timeout_s: float = 5.0
     """A reward function that runs longer scores 0 (and is counted)."""
+    num_workers: int = 2
+    """Reward worker processes per scoring rank (a hung verifier is killed, not waited on)."""
 
     def __post_init__(self) -> None:
-        _positive("reward", self, "timeout_s")
+        _positive("reward", self, "timeout_s", "num_workers")
 
 
 @dataclass(kw_only=True, slots=True)
