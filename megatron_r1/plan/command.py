@@ -1,0 +1,152 @@
+"""`megatron-r1 plan`: memory and layout plan of a config on N GPUs, before any GPU is used.
+
+Layer L2 (measures parameter counts on megatron-core modules). `add_plan_parser` adds the
+sub-command to the CLI's sub-parsers; `run_plan(cfg, args)` prints the per-GPU table of the
+configured layout and the layouts that fit, best first. Exit codes: 0 the configured layout
+fits, 3 it does not (the table says why), 2 bad input (raised as ValueError for the CLI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from megatron_r1.config.schema import Config, ModelConfig
+from megatron_r1.layout import resolve_layout
+from megatron_r1.plan.activations import AttentionImpl
+from megatron_r1.plan.counts import ShardCounts
+from megatron_r1.plan.memory import Candidate, PlanOptions, WeightsDtype, plan_layout
+from megatron_r1.plan.params import shard_counts
+from megatron_r1.plan.report import format_plan, format_ranking, parse_size, plan_to_dict
+from megatron_r1.plan.search import RECOMPUTE, search
+
+EXIT_DOES_NOT_FIT = 3
+def _size(text: str) -> float:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `plan` to the CLI's sub-parsers (argparse `add_subparsers()` result)."""
+    p = subparsers.add_parser(
+        "plan", help="memory and layout plan for N GPUs (no GPU needed)",
+        description="Per-GPU memory of the configured layout (trainer: weights, gradients, "
+                    "distributed-optimizer states, activations per pipeline stage; colocated "
+                    "rollout engine: weights at the inference TP, KV cache, offload while "
+                    "sleeping) and the layouts that fit, best first. Exit code 0: the "
+                    "configured layout fits; 3: it does not; 2: bad input.")
+    p.add_argument("--config", metavar="YAML", help="sparse YAML override of the defaults")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override one config value; repeatable")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs of the job")
+    p.add_argument("--gpu-memory", type=_size, default=parse_size("80GB"), metavar="SIZE",
+                   help="memory per GPU (default 80GB; an H800/H100 80GB reports 81559MiB)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--host-memory", type=_size, default=parse_size("1TB"), metavar="SIZE",
+                   help="host memory per node for offloaded state (default 1TB)")
+    p.add_argument("--reserve", type=_size, default=parse_size("6GB"), metavar="SIZE",
+                   help="per GPU, for CUDA context, NCCL buffers, allocator slack (6GB)")
+    p.add_argument("--moe-imbalance", type=float, default=1.25,
+                   help="tokens on the busiest EP rank relative to the mean (1.25)")
+    p.add_argument("--attention", choices=["auto", "flash", "unfused"], default="auto",
+                   help="auto: unfused for model.transformer_impl=local, else flash (TE)")
+    p.add_argument("--rollout-concurrency", type=int, default=1, metavar="N",
+                   help="full-length sequences each engine must hold in its KV cache (default "
+                        "1, vLLM's own start-up check; the ranking prefers more)")
+    p.add_argument("--rollout-weights", choices=["auto", "fp8", "bf16", "fp32"],
+                   default="auto", help="auto: fp8 when model.fp8 is set, else the params dtype")
+    p.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16")
+    p.add_argument("--rollout-overhead", type=_size, default=parse_size("3GB"), metavar="SIZE",
+                   help="awake engine beyond weights and KV: CUDA graphs, workspace (3GB)")
+    p.add_argument("--ref-on-gpu", action="store_true",
+                   help="keep the reference model on the GPU in every phase")
+    p.add_argument("--first-stage-layers", type=int, default=None, metavar="N",
+                   help="uneven pipeline: layers of the first stage (megatron's "
+                        "num_layers_in_first_pipeline_stage)")
+    p.add_argument("--last-stage-layers", type=int, default=None, metavar="N")
+    p.add_argument("--allow-uneven-stages", action="store_true",
+                   help="also suggest pipelines with uneven first/last stages (need config "
+                        "fields the schema does not have yet)")
+    p.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
+    p.add_argument("--no-search", action="store_true", help="only the configured layout")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="also write the configured plan and the ranking as JSON")
+    return p
+
+
+def options_from_args(cfg: Config, args: argparse.Namespace) -> PlanOptions:
+    if args.gpus < 1 or args.gpus_per_node < 1:
+        raise ValueError(f"--gpus={args.gpus} and --gpus-per-node={args.gpus_per_node} must "
+                         "be >= 1")
+    attention: AttentionImpl = args.attention if args.attention != "auto" else (
+        "unfused" if cfg.model.transformer_impl == "local" else "flash")
+    weights: WeightsDtype = args.rollout_weights if args.rollout_weights != "auto" else (
+        "fp8" if cfg.model.fp8 != "none" else
+        "fp32" if cfg.model.params_dtype == "fp32" else "bf16")
+    return PlanOptions(
+        gpus=args.gpus, gpu_memory=args.gpu_memory, gpus_per_node=args.gpus_per_node,
+        host_memory=args.host_memory, reserve=args.reserve, moe_imbalance=args.moe_imbalance,
+        attention=attention,
+        rollout_concurrency=args.rollout_concurrency,
+        rollout_weights=weights, kv_cache_bytes=1 if args.kv_cache_dtype == "fp8" else 2,
+        rollout_overhead=args.rollout_overhead, ref_on_gpu=args.ref_on_gpu)
+
+
+def configured_candidate(cfg: Config, gpus: int, first: int | None = None,
+                         last: int | None = None) -> Candidate:
+    """The layout the config asks for; checked by the same rules as a training start."""
+    par = cfg.parallel
+    uneven = first is not None or last is not None
+    if not uneven:
+        resolve_layout(par, cfg.model, cfg.train, gpus, cfg.data.seq_length)
+    elif par.pipeline < 2:
+        raise ValueError("--first-stage-layers/--last-stage-layers need parallel.pipeline > 1")
+    else:
+        middle = par.pipeline - (first is not None) - (last is not None)
+        rest = cfg.model.num_layers - (first or 0) - (last or 0)
+        if rest < 0 or (middle and rest % middle) or (not middle and rest):
+            raise ValueError(f"--first-stage-layers={first} --last-stage-layers={last}: the "
+                             f"other {middle} stage(s) cannot split the remaining {rest} of "
+                             f"model.num_layers={cfg.model.num_layers} evenly")
+    return Candidate(
+        tensor=par.tensor, pipeline=par.pipeline, context=par.context, expert=par.expert,
+        expert_tensor=par.expert_tensor or par.tensor, recompute=cfg.model.recompute,
+        rollout_tensor=cfg.rollout.tensor_parallel, virtual_pipeline=par.virtual_pipeline,
+        first_stage_layers=first, last_stage_layers=last)
+
+
+def run_plan(cfg: Config, args: argparse.Namespace) -> int:
+    """Print the plan of the configured layout and the ranked layouts; return the exit code."""
+    if cfg.model.mtp_num_layers and cfg.parallel.pipeline > 1:
+        raise ValueError("model.mtp_num_layers > 0 with parallel.pipeline > 1 is not planned "
+                         "yet (the last stage also holds an embedding copy for MTP)")
+    options = options_from_args(cfg, args)
+    cand = configured_candidate(cfg, args.gpus, args.first_stage_layers, args.last_stage_layers)
+
+    def counts(model: ModelConfig, tp: int, ep: int, etp: int) -> ShardCounts:
+        # FP8 and TE change no parameter shape; the local spec builds anywhere (no CUDA).
+        return shard_counts(replace(model, fp8="none", transformer_impl="local"), tp, ep, etp)
+
+    plan = plan_layout(cfg, cand, options, counts)
+    title = (f"megatron-r1 plan: {args.config or 'defaults'} on {args.gpus} GPUs x "
+             f"{options.gpu_memory / 1e9:.1f} GB ({options.gpus_per_node} per node)")
+    print(format_plan(plan, title))
+    ranked = []
+    if not args.no_search:
+        ranked = search(cfg, options, counts, RECOMPUTE, args.allow_uneven_stages)
+        print()
+        print(format_ranking(ranked, args.top))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "configured": plan_to_dict(plan),
+            "ranked": [dict(plan_to_dict(r.plan), step_cost=r.step_cost)
+                       for r in ranked[:args.top]]}, indent=1))
+    sys.stdout.flush()
+    return 0 if plan.fits else EXIT_DOES_NOT_FIT

@@ -1,0 +1,351 @@
+"""Bytes on each GPU in each phase of a colocated GRPO step, for one candidate layout.
+
+Layer L0 (pure). Parameter counts come in measured (megatron_r1.plan.params); this module
+turns them into bytes per pipeline stage (every rank of a stage holds the same: TP shards
+and EP ranks are equal by construction) for the three phases a colocated step goes through:
+
+- train: policy weights, fp32 gradient buffers (megatron DDP with grad_reduce_in_fp32),
+  optimizer states (fp32 master weights for 16-bit models + Adam moments), sharded over the
+  data-parallel ranks (dense part: DP x CP; routed experts: expert-DP) by the distributed
+  optimizer; activations of the in-flight micro-batches; the rollout engine sleeps.
+- logprob: old/reference log-probs without gradients: weights, the reference copy, one
+  micro-batch's forward; gradients and optimizer states are still on the host.
+- rollout: the engine is awake and takes `gpu_memory_utilization` of the GPU for its weights
+  (at the inference TP, FP8 where the policy trains in FP8), its KV cache and workspace; the
+  trainer keeps only its weights (gradients and optimizer states offloaded to the host).
+
+A fixed reserve per GPU covers the CUDA context, NCCL communicators and allocator slack.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_r1.config.schema import Config, ModelConfig
+from megatron_r1.layout import padded_vocab_size
+from megatron_r1.plan.activations import (
+    AttentionImpl,
+    MicroBatchShape,
+    Recompute,
+    in_flight_microbatches,
+    kept_layer_bytes,
+    layer_bytes,
+    loss_bytes,
+)
+from megatron_r1.plan.counts import PartCount, ShardCounts
+
+WeightsDtype = Literal["fp8", "bf16", "fp32"]
+CountsFn = Callable[[ModelConfig, int, int, int], ShardCounts]
+"""(model, TP, EP, ETP) -> measured per-rank counts (megatron_r1.plan.params.shard_counts)."""
+
+GRAD_BYTES = 4  # megatron DDP main_grad buffers are fp32 (grad_reduce_in_fp32=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One way to lay the trainer and the rollout engines out on the GPUs."""
+
+    tensor: int
+    pipeline: int
+    context: int
+    expert: int
+    expert_tensor: int
+    recompute: Recompute
+    rollout_tensor: int
+    virtual_pipeline: int | None = None
+    first_stage_layers: int | None = None
+    """Layers of the first pipeline stage when the split is uneven (megatron's
+    num_layers_in_first_pipeline_stage); None: even split."""
+    last_stage_layers: int | None = None
+
+    @property
+    def uneven(self) -> bool:
+        return self.first_stage_layers is not None or self.last_stage_layers is not None
+
+    def describe(self) -> str:
+        text = (f"TP={self.tensor} PP={self.pipeline} CP={self.context} EP={self.expert} "
+                f"ETP={self.expert_tensor}")
+        if self.virtual_pipeline:
+            text += f" VP={self.virtual_pipeline}"
+        if self.uneven:
+            text += f" (stages {self.first_stage_layers}/../{self.last_stage_layers} layers)"
+        return text + f" recompute={self.recompute} rollout-TP={self.rollout_tensor}"
+
+
+@dataclass(frozen=True, slots=True)
+class PlanOptions:
+    """What the planner assumes about the cluster and the run beyond the config."""
+
+    gpus: int
+    gpu_memory: float
+    """Bytes per GPU."""
+    gpus_per_node: int = 8
+    host_memory: float = 1.0e12
+    """Bytes of host memory per node (offloaded optimizer states, sleeping engine)."""
+    reserve: float = 6.0e9
+    """Bytes per GPU kept free for the CUDA context, NCCL buffers and allocator slack."""
+    moe_imbalance: float = 1.25
+    """Tokens reaching the busiest expert-parallel rank relative to a perfect balance."""
+    attention: AttentionImpl = "flash"
+    rollout_concurrency: int = 1
+    """Sequences of full length each engine must hold in its KV cache at once (1 is vLLM's
+    start-up check: room for one sequence of max_model_len)."""
+    rollout_weights: WeightsDtype = "bf16"
+    kv_cache_bytes: int = 2
+    rollout_overhead: float = 3.0e9
+    """Bytes per GPU of an awake engine beyond weights and KV (CUDA graphs, workspace)."""
+    ref_on_gpu: bool = False
+    """Keep the reference model's weights on the GPU in every phase (else only while the
+    reference log-probs are computed; on the host otherwise)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageMemory:
+    """Bytes on one GPU of a pipeline stage (every TP/CP/EP/DP rank of it is alike)."""
+
+    stage: int
+    layers: range
+    params: PartCount
+    weights: float
+    fp8_weight_cache: float
+    grads: float
+    optimizer: float
+    activations: float
+    reference: float
+    train: float
+    logprob: float
+    rollout: float
+    rollout_residual: float
+    """What the trainer keeps on the GPU while the engine is awake (weights, reserve)."""
+    host: float
+    """Host bytes this GPU's offloaded state takes at the peak."""
+
+    @property
+    def peak(self) -> float:
+        return max(self.train, self.logprob, self.rollout)
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutMemory:
+    """The colocated inference engine, per GPU."""
+
+    tensor: int
+    engines: int
+    weights: float
+    kv_per_token: float
+    seq_length: int
+    concurrency: int
+    kv_needed: float
+    kv_budget: float
+    """Bytes left for the KV cache inside gpu_memory_utilization."""
+    outputs_per_engine: int
+
+    @property
+    def full_length_capacity(self) -> int:
+        """Sequences of full length the KV budget holds at once."""
+        per_seq = self.kv_per_token * self.seq_length
+        return max(0, int(self.kv_budget // per_seq)) if per_seq else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    candidate: Candidate
+    data: int
+    expert_data: int
+    num_microbatches: int
+    micro_batch_size: int
+    seq_length: int
+    stages: list[StageMemory]
+    rollout: RolloutMemory
+    options: PlanOptions
+    problems: list[str] = field(default_factory=list)
+    """Why it does not fit (empty: it fits)."""
+    needs: list[str] = field(default_factory=list)
+    """Config fields this layout needs that the schema does not have yet."""
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    @property
+    def peak(self) -> float:
+        return max(s.peak for s in self.stages)
+
+    @property
+    def headroom(self) -> float:
+        return self.options.gpu_memory - self.peak
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return 4 if dtype == "fp32" else 2
+
+
+def stage_layers(num_layers: int, c: Candidate) -> list[range]:
+    """Global layer indices of each pipeline stage (megatron's split, even or first/last)."""
+    pp = c.pipeline
+    if not c.uneven:
+        per = num_layers // pp
+        return [range(i * per, (i + 1) * per) for i in range(pp)]
+    first = c.first_stage_layers
+    last = c.last_stage_layers
+    middle_total = num_layers - (first or 0) - (last or 0)
+    middle_stages = pp - (first is not None) - (last is not None)
+    per = middle_total // middle_stages if middle_stages else 0
+    sizes = [per] * pp
+    if first is not None:
+        sizes[0] = first
+    if last is not None:
+        sizes[-1] = last
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    return [range(bounds[i], bounds[i + 1]) for i in range(pp)]
+
+
+def _stage_activations(model: ModelConfig, counts: ShardCounts, layers: range,
+                       shape: MicroBatchShape, c: Candidate, stage: int, microbatches: int,
+                       vocab: int) -> tuple[float, float]:
+    """(training activations at the stage's peak, one micro-batch's forward working set)."""
+    kinds = [counts.layer_kinds[i] == "moe" for i in layers]
+    kept = sum(kept_layer_bytes(model, shape, moe, c.recompute) for moe in kinds)
+    in_flight = in_flight_microbatches(c.pipeline, stage, microbatches, c.virtual_pipeline)
+    # The backward of one layer holds that layer's whole set (recomputed under `full`).
+    working = max((layer_bytes(model, shape, moe, "none") for moe in set(kinds)), default=0.0)
+    last = stage == c.pipeline - 1
+    loss = loss_bytes(model, shape, vocab) if last else 0.0
+    return in_flight * kept + working + loss, working + loss
+
+
+def plan_layout(cfg: Config, c: Candidate, options: PlanOptions, counts_fn: CountsFn) -> Plan:
+    """Bytes per GPU of every pipeline stage and of the rollout engine, and whether it fits.
+
+    Raises:
+        ValueError: the candidate does not divide the GPUs or the model (names the degrees).
+    """
+    model, world = cfg.model, options.gpus
+    dense_split = c.tensor * c.pipeline * c.context
+    expert_split = c.expert_tensor * c.expert * c.pipeline
+    if world % dense_split or world % expert_split:
+        raise ValueError(f"{c.describe()}: TPxPPxCP={dense_split} and ETPxEPxPP={expert_split} "
+                         f"must divide --gpus={world}")
+    dp, edp = world // dense_split, world // expert_split
+    per_step = cfg.train.micro_batch_size * dp
+    if cfg.train.global_batch_size % per_step:
+        raise ValueError(f"{c.describe()}: train.global_batch_size={cfg.train.global_batch_size} "
+                         f"is not a multiple of micro_batch_size x DP = {per_step}")
+    microbatches = cfg.train.global_batch_size // per_step
+    counts = counts_fn(model, c.tensor, c.expert, c.expert_tensor)
+    vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, c.tensor)
+    w_bytes = _dtype_bytes(model.params_dtype)
+    opt_bytes = (8 if cfg.optim.optimizer == "adam" else 4) + (4 if w_bytes == 2 else 0)
+    shard_dense = dp * c.context if cfg.parallel.distributed_optimizer else 1
+    shard_expert = edp if cfg.parallel.distributed_optimizer else 1
+    shape = MicroBatchShape(
+        micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.data.seq_length,
+        tensor=c.tensor, context=c.context, expert_tensor=c.expert_tensor,
+        sequence_parallel=c.tensor > 1, act_bytes=w_bytes, attention=options.attention,
+        moe_imbalance=options.moe_imbalance)
+    rollout = rollout_memory(cfg, c.rollout_tensor, options, counts_fn)
+    uses_ref = cfg.grpo.kl_coef > 0
+
+    stages = []
+    for stage, layers in enumerate(stage_layers(model.num_layers, c)):
+        params = counts.stage(layers, first=stage == 0, last=stage == c.pipeline - 1)
+        weights = params.total * w_bytes
+        fp8_cache = params.low_precision * 2.0 if model.fp8 != "none" else 0.0
+        grads = params.total * GRAD_BYTES
+        optimizer = opt_bytes * (params.dense / shard_dense + params.expert / shard_expert)
+        train_act, forward_act = _stage_activations(model, counts, layers, shape, c, stage,
+                                                    microbatches, vocab)
+        reference = weights if uses_ref else 0.0
+        ref_resident = reference if options.ref_on_gpu else 0.0
+        train = weights + fp8_cache + grads + optimizer + train_act + ref_resident
+        logprob = weights + fp8_cache + reference + forward_act
+        # vLLM takes its whole gpu_memory_utilization share when it wakes (KV fills the rest)
+        engine = max(cfg.rollout.gpu_memory_utilization * options.gpu_memory,
+                     rollout.weights + rollout.kv_needed + options.rollout_overhead)
+        residual = weights + ref_resident + options.reserve
+        ref_host = 0.0 if options.ref_on_gpu else reference
+        engine_host = rollout.weights if cfg.rollout.sleep_level == 1 else 0.0
+        host = max(grads + optimizer + ref_host, engine_host + ref_host)
+        stages.append(StageMemory(
+            stage=stage, layers=layers, params=params, weights=weights,
+            fp8_weight_cache=fp8_cache, grads=grads, optimizer=optimizer,
+            activations=train_act, reference=reference, train=train + options.reserve,
+            logprob=logprob + options.reserve, rollout=residual + engine,
+            rollout_residual=residual, host=host))
+    plan = Plan(candidate=c, data=dp, expert_data=edp, num_microbatches=microbatches,
+                micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.data.seq_length,
+                stages=stages, rollout=rollout, options=options)
+    _check(plan, cfg)
+    return plan
+
+
+def rollout_memory(cfg: Config, tensor: int, options: PlanOptions,
+                   counts_fn: CountsFn) -> RolloutMemory:
+    """The engine at inference TP `tensor` (experts split over TP, as vLLM does without
+    expert parallelism); KV for `rollout_concurrency` sequences of data.seq_length tokens."""
+    model = cfg.model
+    counts = counts_fn(model, tensor, 1, tensor).whole_model()
+    high = 4 if options.rollout_weights == "fp32" else 2
+    low = {"fp8": 1, "bf16": 2, "fp32": 4}[options.rollout_weights]
+    weights = counts.low_precision * low + (counts.total - counts.low_precision) * high
+    if model.multi_latent_attention:
+        # MLA caches one compressed latent + the rotary key per token and layer; every TP
+        # rank holds all of it (the latent is not split by heads).
+        per_token_layer = model.kv_lora_rank + model.qk_pos_emb_head_dim
+    else:
+        groups = model.num_query_groups or model.num_attention_heads
+        head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
+        per_token_layer = 2 * max(1, groups // tensor) * head_dim
+    kv_per_token = float(per_token_layer * model.num_layers * options.kv_cache_bytes)
+    seq = cfg.data.seq_length
+    engines = options.gpus // tensor
+    outputs = cfg.grpo.prompts_per_rollout * cfg.grpo.group_size
+    budget = cfg.rollout.gpu_memory_utilization * options.gpu_memory
+    return RolloutMemory(
+        tensor=tensor, engines=engines, weights=float(weights), kv_per_token=kv_per_token,
+        seq_length=seq, concurrency=options.rollout_concurrency,
+        kv_needed=kv_per_token * seq * options.rollout_concurrency,
+        kv_budget=budget - weights - options.rollout_overhead,
+        outputs_per_engine=math.ceil(outputs / max(engines, 1)))
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.1f} GB"
+
+
+def _check(plan: Plan, cfg: Config) -> None:
+    o, r, c = plan.options, plan.rollout, plan.candidate
+    mem = o.gpu_memory
+    for s in plan.stages:
+        for phase in ("train", "logprob"):
+            need = getattr(s, phase)
+            if need > mem:
+                plan.problems.append(f"stage {s.stage}: {phase} phase needs {_gb(need)} > "
+                                     f"{_gb(mem)}")
+    if r.kv_needed > r.kv_budget:
+        plan.problems.append(
+            f"rollout: KV for {r.concurrency} x {r.seq_length} tokens needs {_gb(r.kv_needed)}, "
+            f"gpu_memory_utilization={cfg.rollout.gpu_memory_utilization} leaves "
+            f"{_gb(max(r.kv_budget, 0))} (holds {r.full_length_capacity} at full length)")
+    worst_residual = max(s.rollout_residual for s in plan.stages)
+    if worst_residual + cfg.rollout.gpu_memory_utilization * mem > mem:
+        plan.problems.append(
+            f"rollout: the trainer keeps {_gb(worst_residual)} (weights + reserve) while the "
+            f"engine may take gpu_memory_utilization={cfg.rollout.gpu_memory_utilization} x "
+            f"{_gb(mem)}; lower rollout.gpu_memory_utilization to "
+            f"{(mem - worst_residual) / mem:.2f} or less")
+    host = max(s.host for s in plan.stages) * o.gpus_per_node
+    if host > o.host_memory:
+        plan.problems.append(f"host: offloaded state needs {_gb(host)} per node > "
+                             f"{_gb(o.host_memory)}")
+    if o.gpus % c.rollout_tensor:
+        plan.problems.append(f"rollout: tensor_parallel={c.rollout_tensor} does not divide "
+                             f"{o.gpus} GPUs")
+    if c.uneven:
+        plan.needs.append("parallel.num_layers_in_first_pipeline_stage / "
+                          "parallel.num_layers_in_last_pipeline_stage")

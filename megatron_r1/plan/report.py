@@ -1,0 +1,149 @@
+"""Text and JSON renderings of a plan: the per-GPU table, the verdict, the ranked layouts.
+
+Layer L0 (pure formatting). Sizes print in GB (10^9 bytes), the unit of `--gpu-memory 80GB`;
+`parse_size` reads them back.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from megatron_r1.plan.memory import Plan
+from megatron_r1.plan.search import Ranked, rollout_capacity
+
+_UNITS = {"": 1e9, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> float:
+    """`80GB` -> 8e10 bytes; GB/TB are powers of ten, GiB/TiB powers of two; a bare number
+    is GB.
+
+    Raises:
+        ValueError: naming the text.
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size (e.g. 80GB, 81559MiB, 1TB)")
+    return float(match.group(1)) * _UNITS[unit]
+
+
+def gb(x: float) -> str:
+    return f"{x / 1e9:.1f}"
+
+
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e7 else f"{n:,}"
+
+
+def _layers(r: range) -> str:
+    return f"{r.start}-{r.stop - 1}" if len(r) > 1 else str(r.start) if len(r) else "-"
+
+
+def format_plan(plan: Plan, title: str) -> str:
+    """The per-GPU table of one layout (one row per pipeline stage) and its verdict."""
+    c, o, r = plan.candidate, plan.options, plan.rollout
+    lines = [title,
+             f"layout: {c.describe()}",
+             f"        DP={plan.data}, expert-DP={plan.expert_data}, "
+             f"{plan.num_microbatches} micro-batch(es) per step per DP rank",
+             "",
+             "trainer, per GPU of each pipeline stage (GB; every TP/CP/EP/DP rank of a stage "
+             "holds the same)",
+             f"{'stage':>5} {'layers':>7} {'params dense+expert':>22} {'weights':>8} "
+             f"{'grads':>6} {'optim':>6} {'activ':>6} {'ref':>5} | {'train':>6} "
+             f"{'logprob':>7} {'rollout':>7} | {'peak':>6}"]
+    for s in plan.stages:
+        params = f"{_billions(s.params.dense)}+{_billions(s.params.expert)}"
+        lines.append(
+            f"{s.stage:>5} {_layers(s.layers):>7} {params:>22} "
+            f"{gb(s.weights + s.fp8_weight_cache):>8} {gb(s.grads):>6} {gb(s.optimizer):>6} "
+            f"{gb(s.activations):>6} {gb(s.reference):>5} | {gb(s.train):>6} "
+            f"{gb(s.logprob):>7} {gb(s.rollout):>7} | {gb(s.peak):>6}")
+    lines += [
+        f"  phases include the {gb(o.reserve)} GB reserve; weights include the FP8 weight "
+        "cache when model.fp8 is set; ref = reference model (on the GPU only for the "
+        "reference log-probs" + (", kept there: --ref-on-gpu)" if o.ref_on_gpu else ")"),
+        f"  activations: micro-batches of {plan.micro_batch_size} x {plan.seq_length} tokens, "
+        f"{min(plan.num_microbatches, c.pipeline)} in flight on stage 0, recompute={c.recompute}, "
+        f"attention={o.attention}, MoE imbalance x{o.moe_imbalance}",
+    ]
+    if c.expert > 1:
+        lines.append(f"  expert parallel: {c.expert} EP ranks per stage, each with the same "
+                     f"share of every MoE layer's experts")
+    lines += [
+        "",
+        f"rollout engine, per GPU: TP={r.tensor} ({r.engines} engines, {r.outputs_per_engine} "
+        f"outputs each per rollout); weights {gb(r.weights)} GB ({o.rollout_weights}); "
+        f"KV {r.kv_per_token / 1e3:.1f} KB/token",
+        f"  KV for {r.concurrency} x {r.seq_length} tokens: {gb(r.kv_needed)} GB of the "
+        f"{gb(max(r.kv_budget, 0))} GB the engine has left; holds {r.full_length_capacity} "
+        f"sequences at full length ({r.engines * r.full_length_capacity} in all engines)",
+        f"  the trainer leaves room for rollout.gpu_memory_utilization up to "
+        f"{(o.gpu_memory - max(s.rollout_residual for s in plan.stages)) / o.gpu_memory:.2f}",
+        f"host memory per node (offloaded state): "
+        f"{gb(max(s.host for s in plan.stages) * o.gpus_per_node)} GB of {gb(o.host_memory)} GB",
+        "",
+    ]
+    if plan.fits:
+        lines.append(f"FITS: peak {gb(plan.peak)} GB of {gb(o.gpu_memory)} GB "
+                     f"(headroom {gb(plan.headroom)} GB)")
+    else:
+        lines.append("DOES NOT FIT:")
+        lines += [f"  - {p}" for p in plan.problems]
+    if plan.needs:
+        lines.append("needs config fields not in the schema yet: " + ", ".join(plan.needs))
+    return "\n".join(lines)
+
+
+def format_ranking(ranked: list[Ranked], top: int) -> str:
+    if not ranked:
+        return "no layout fits: try more GPUs, a shorter data.seq_length or FP8 rollout weights"
+    lines = [f"layouts that fit, best first ({len(ranked)} found). Rule: estimated step cost "
+             "(1 + recompute overhead) / (1 - pipeline bubble), then smaller TP x CP, then "
+             "fewer nodes per EP group, then more full-length sequences in all KV caches "
+             "(rollTP chosen for that), then more headroom",
+             f"{'#':>3} {'TP':>3} {'PP':>3} {'CP':>3} {'EP':>4} {'ETP':>3} {'recompute':>9} "
+             f"{'rollTP':>6} {'DP':>4} {'M':>4} {'cost':>5} {'KV seqs':>7} {'peak GB':>7}  "
+             "needs"]
+    for i, r in enumerate(ranked[:top], 1):
+        c, p = r.plan.candidate, r.plan
+        pp = f"{c.pipeline}*" if c.uneven else str(c.pipeline)
+        lines.append(f"{i:>3} {c.tensor:>3} {pp:>3} {c.context:>3} {c.expert:>4} "
+                     f"{c.expert_tensor:>3} {c.recompute:>9} {c.rollout_tensor:>6} {p.data:>4} "
+                     f"{p.num_microbatches:>4} {r.step_cost:>5.2f} "
+                     f"{rollout_capacity(p):>7} {gb(p.peak):>7}  "
+                     + ("uneven stages " + f"{c.first_stage_layers}/{c.last_stage_layers}"
+                        if c.uneven else ""))
+    return "\n".join(lines)
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """Machine-readable plan (for --json)."""
+    c = plan.candidate
+    return {
+        "layout": {"tensor": c.tensor, "pipeline": c.pipeline, "context": c.context,
+                   "expert": c.expert, "expert_tensor": c.expert_tensor,
+                   "virtual_pipeline": c.virtual_pipeline, "recompute": c.recompute,
+                   "rollout_tensor": c.rollout_tensor,
+                   "first_stage_layers": c.first_stage_layers,
+                   "last_stage_layers": c.last_stage_layers,
+                   "data": plan.data, "expert_data": plan.expert_data,
+                   "num_microbatches": plan.num_microbatches},
+        "stages": [{"stage": s.stage, "layers": [s.layers.start, s.layers.stop],
+                    "params_dense": s.params.dense, "params_expert": s.params.expert,
+                    "weights": s.weights, "fp8_weight_cache": s.fp8_weight_cache,
+                    "grads": s.grads, "optimizer": s.optimizer, "activations": s.activations,
+                    "reference": s.reference, "train": s.train, "logprob": s.logprob,
+                    "rollout": s.rollout, "host": s.host, "peak": s.peak}
+                   for s in plan.stages],
+        "rollout": {"tensor": plan.rollout.tensor, "engines": plan.rollout.engines,
+                    "weights": plan.rollout.weights,
+                    "kv_per_token": plan.rollout.kv_per_token,
+                    "kv_needed": plan.rollout.kv_needed, "kv_budget": plan.rollout.kv_budget,
+                    "full_length_capacity": plan.rollout.full_length_capacity},
+        "fits": plan.fits, "problems": plan.problems, "needs": plan.needs,
+        "peak": plan.peak, "gpu_memory": plan.options.gpu_memory,
+    }

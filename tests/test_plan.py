@@ -1,0 +1,360 @@
+"""The memory and layout planner (megatron_r1.plan).
+
+Per-rank parameter counts: the planner's composed counts equal models built at that layout on
+gloo ranks (tiny config on CPU, Qwen3-30B-A3B on meta), rank builds on the fake backend at
+512 ranks, and the 671B meta-device total. The memory arithmetic is checked term by term on
+small numbers, and the shipped R1-Zero config is the planner's own first choice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from megatron_r1.config import load_config
+from megatron_r1.config.schema import ModelConfig
+from megatron_r1.plan.activations import (
+    MicroBatchShape,
+    in_flight_microbatches,
+    kept_layer_bytes,
+    layer_bytes,
+)
+from megatron_r1.plan.counts import PartCount, ShardCounts
+from megatron_r1.plan.memory import Candidate, PlanOptions, plan_layout, stage_layers
+from megatron_r1.plan.report import parse_size
+from megatron_r1.plan.search import step_cost, uneven_split
+
+from procs import REPO, run_python
+
+R1 = "configs/deepseek_v3_671b_r1zero.yaml"
+
+
+# --- pure arithmetic ------------------------------------------------------------------------
+
+def test_parse_size_units():
+    assert parse_size("80GB") == 80e9
+    assert parse_size("81559MiB") == 81559 * 2**20
+    assert parse_size("1TB") == 1e12
+    assert parse_size(" 2.5 GiB ") == 2.5 * 2**30
+    assert parse_size("80") == 80e9
+    with pytest.raises(ValueError, match="'80XB' is not a size"):
+        parse_size("80XB")
+
+
+def test_uneven_pipeline_split_follows_megatron_first_last_stages():
+    assert uneven_split(61, 16) == (3, 2)  # 3 + 14 x 4 + 2
+    assert uneven_split(61, 2) == (31, 30)
+    assert uneven_split(61, 1) is None
+    cand = Candidate(tensor=1, pipeline=16, context=1, expert=1, expert_tensor=1,
+                     recompute="none", rollout_tensor=1, first_stage_layers=3,
+                     last_stage_layers=2)
+    sizes = [len(r) for r in stage_layers(61, cand)]
+    assert sizes == [3] + [4] * 14 + [2]
+    even = stage_layers(8, Candidate(tensor=1, pipeline=4, context=1, expert=1, expert_tensor=1,
+                                     recompute="none", rollout_tensor=1))
+    assert even == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+
+
+def test_in_flight_micro_batches_of_1f1b_and_interleaving():
+    assert [in_flight_microbatches(4, s, 8, None) for s in range(4)] == [4, 3, 2, 1]
+    assert [in_flight_microbatches(4, s, 2, None) for s in range(4)] == [2, 2, 2, 1]
+    # interleaved, VP=2: stage 0 warms up (4-0-1)*2 + (2-1)*4 = 10 chunks, holds 11 = 5.5 stages
+    assert in_flight_microbatches(4, 0, 8, 2) == 5.5
+
+
+def _gqa() -> ModelConfig:
+    return ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                       num_query_groups=2, kv_channels=16, qk_layernorm=False, num_experts=0)
+
+
+def _shape(**kw) -> MicroBatchShape:
+    base = dict(micro_batch_size=2, seq_length=32, tensor=1, context=1, expert_tensor=1,
+                sequence_parallel=False, act_bytes=2, attention="flash")
+    return MicroBatchShape(**{**base, **kw})
+
+
+def test_activation_terms_of_a_dense_gqa_layer_by_hand():
+    m, s = _gqa(), _shape()
+    T, h, a = 64, 64, 2
+    attention = (2 * T * h * a             # input norm in/out
+                 + T * (4 + 2 * 2) * 16 * a  # q, k, v
+                 + T * 4 * 16 * a            # core output
+                 + T * 4 * 4)                # flash log-sum-exp (fp32)
+    ffn = 2 * T * h * a + T * 128 * 3 * a    # norm in/out, fc1 out (2f), activation out (f)
+    assert layer_bytes(m, s, False, "none") == attention + ffn
+    assert layer_bytes(m, s, False, "selective") == attention + ffn - T * 4 * 4
+    assert kept_layer_bytes(m, s, False, "full") == T * h * a
+    unfused = layer_bytes(m, _shape(attention="unfused"), False, "none")
+    assert unfused == attention + ffn - T * 4 * 4 + 2 * 4 * 32 * 32 * a  # probs: b x n x s x s
+
+
+def test_tensor_and_sequence_parallel_split_every_activation():
+    m = _gqa()
+    one = layer_bytes(m, _shape(), False, "none")
+    two = layer_bytes(m, _shape(tensor=2, sequence_parallel=True), False, "none")
+    assert two == one / 2
+
+
+def _counts(model: ModelConfig) -> ShardCounts:
+    layer = PartCount(dense=1000, expert=0, low_precision=800)
+    moe = PartCount(dense=500, expert=4000, low_precision=4400)
+    return ShardCounts(tensor=1, expert=1, expert_tensor=1,
+                       embedding=PartCount(2000, 0, 0), layers={"dense": layer, "moe": moe},
+                       final_norm=PartCount(10, 0, 0), output_layer=PartCount(2000, 0, 0),
+                       tied_single_stage=False, mtp=PartCount(),
+                       layer_kinds=("dense",) + ("moe",) * (model.num_layers - 1))
+
+
+def test_weights_grads_and_sharded_optimizer_bytes():
+    cfg = load_config(None, ["model.params_dtype=bf16", "model.num_layers=4",
+                             "model.moe_first_dense_layers=1", "train.global_batch_size=64",
+                             "train.micro_batch_size=1"])
+    cand = Candidate(tensor=1, pipeline=2, context=2, expert=4, expert_tensor=1,
+                     recompute="full", rollout_tensor=1)
+    options = PlanOptions(gpus=16, gpu_memory=80e9)
+    plan = plan_layout(cfg, cand, options, lambda m, tp, ep, etp: _counts(m))
+    assert (plan.data, plan.expert_data, plan.num_microbatches) == (4, 2, 16)
+    first, last = plan.stages
+    assert first.layers == range(0, 2) and last.layers == range(2, 4)
+    assert first.params == PartCount(2000 + 1000 + 500, 4000, 800 + 4400)
+    assert last.params == PartCount(500 * 2 + 10 + 2000, 8000, 8800)
+    p = first.params
+    assert first.weights == 2 * p.total  # bf16
+    assert first.grads == 4 * p.total  # fp32 main grads
+    # fp32 master + 2 Adam moments: dense sharded over DP x CP = 8, experts over EDP = 2
+    assert first.optimizer == 12 * (p.dense / 8 + p.expert / 2)
+    cfg.parallel.distributed_optimizer = False
+    unsharded = plan_layout(cfg, cand, options, lambda m, tp, ep, etp: _counts(m))
+    assert unsharded.stages[0].optimizer == 12 * p.total
+
+
+def test_mla_kv_cache_is_the_latent_on_every_tensor_rank():
+    cfg = load_config(R1)
+    options = PlanOptions(gpus=512, gpu_memory=80e9, rollout_weights="fp8",
+                          rollout_concurrency=4)
+    cand = Candidate(tensor=8, pipeline=1, context=1, expert=256, expert_tensor=1,
+                     recompute="full", rollout_tensor=32)
+    plan = plan_layout(cfg, cand, options, lambda m, tp, ep, etp: _counts(m))
+    per_token = (512 + 64) * 61 * 2  # (kv_lora_rank + rope dim) x layers x bf16
+    assert plan.rollout.kv_per_token == per_token
+    assert plan.rollout.kv_needed == per_token * 34816 * 4
+    assert plan.rollout.engines == 16
+
+
+def test_step_cost_rule():
+    cfg = load_config(None, ["train.global_batch_size=16", "train.micro_batch_size=1"])
+
+    def cost(pp: int, recompute: str) -> float:
+        cand = Candidate(tensor=1, pipeline=pp, context=1, expert=1, expert_tensor=1,
+                         recompute=recompute, rollout_tensor=1)
+        plan = plan_layout(cfg, cand, PlanOptions(gpus=4, gpu_memory=80e9),
+                           lambda m, tp, ep, etp: _counts(m))
+        return step_cost(plan, attention_flops=1.0, linear_flops=3.0)
+
+    assert cost(1, "none") == 1.0
+    assert cost(1, "full") == pytest.approx(4 / 3)
+    assert cost(1, "selective") == pytest.approx(1 + 1 / 12)  # attention share 1/4, / 3
+    assert cost(2, "none") == pytest.approx(1 / (1 - 1 / 9))  # M=8 per rank: 1/(8+1)
+
+
+# --- counts from the real model -------------------------------------------------------------
+
+WORKER = """
+import json, sys, torch
+from megatron_r1.config import load_config
+from megatron_r1.layout import resolve_layout
+from megatron_r1.model.build import build_model, count_parameters
+from megatron_r1.parallel.init import destroy_parallel, init_parallel
+from megatron_r1.parallel.launch_env import discover
+from megatron.core import parallel_state
+
+out, cases = sys.argv[1], json.loads(sys.argv[2])
+launch, result = discover(), {}
+for name, case in cases.items():
+    cfg = load_config(case["config"], case["overrides"])
+    layout = resolve_layout(cfg.parallel, cfg.model, cfg.train, launch.world_size,
+                            cfg.data.seq_length)
+    ctx = init_parallel(layout, cfg.parallel, launch, 1234)
+    chunks = build_model(cfg.model, cfg.parallel, ctx,
+                         device=torch.device("meta") if case["meta"] else None)
+    total = count_parameters(chunks, cfg.model, layout.expert).total
+    # megatron marks expert parameters allreduce=False (they reduce over expert-DP only)
+    expert = sum(p.numel() for c in chunks for p in c.parameters()
+                 if not getattr(p, "allreduce", True))
+    result[name] = {"pp_rank": ctx.pp_rank, "total": total, "expert": expert,
+                    "meta": all(p.is_meta for c in chunks for p in c.parameters())}
+    parallel_state.destroy_model_parallel()  # keep the default group for the next case
+destroy_parallel()
+with open(f"{out}/rank{launch.rank}.json", "w") as f:
+    json.dump(result, f)
+"""
+
+GLOO_CASES = {
+    "tiny": {"config": None, "meta": False, "overrides": [
+        "parallel.tensor=2", "parallel.pipeline=2", "parallel.expert=2",
+        "parallel.expert_tensor=1"]},
+    "qwen3": {"config": "configs/qwen3_moe_30b_a3b.yaml", "meta": True, "overrides": [
+        "parallel.tensor=2", "parallel.pipeline=2", "parallel.expert=2",
+        "parallel.expert_tensor=1"]},
+}
+
+PLANNER = """
+import json, sys
+from megatron_r1.config import load_config
+from megatron_r1.plan.memory import Candidate, stage_layers
+from megatron_r1.plan.params import shard_counts
+cases, out = json.loads(sys.argv[1]), {}
+for name, case in cases.items():
+    cfg = load_config(case["config"], case["overrides"])
+    p = cfg.parallel
+    counts = shard_counts(cfg.model, p.tensor, p.expert, p.expert_tensor or p.tensor)
+    cand = Candidate(tensor=p.tensor, pipeline=p.pipeline, context=1, expert=p.expert,
+                     expert_tensor=p.expert_tensor or p.tensor, recompute="none",
+                     rollout_tensor=1)
+    stages = stage_layers(cfg.model.num_layers, cand)
+    out[name] = [
+        {"total": c.total, "expert": c.expert}
+        for i, layers in enumerate(stages)
+        for c in [counts.stage(layers, first=i == 0, last=i == len(stages) - 1)]]
+print(json.dumps(out))
+"""
+
+
+def _planner_stage_counts(cases: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", PLANNER, json.dumps(cases)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_planner_counts_equal_models_built_on_gloo_ranks(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+         str(worker), str(tmp_path), json.dumps(GLOO_CASES)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    planned = _planner_stage_counts(GLOO_CASES)
+    for name in GLOO_CASES:
+        built = [rank[name] for rank in ranks]
+        assert all(b["meta"] == GLOO_CASES[name]["meta"] for b in built)
+        assert {b["pp_rank"] for b in built} == {0, 1}
+        for b in built:
+            assert planned[name][b["pp_rank"]] == {"total": b["total"], "expert": b["expert"]}
+
+
+FAKE_512 = """
+import json, torch
+from megatron_r1.config import load_config
+from megatron_r1.config.schema import ParallelConfig
+from megatron_r1.model.build import build_model, count_parameters
+from megatron_r1.layout import resolve_layout
+from megatron_r1.parallel.init import destroy_parallel, init_parallel
+from megatron_r1.parallel.launch_env import discover
+from megatron_r1.plan.memory import Candidate, stage_layers
+from megatron_r1.plan.params import build_rank_counts, shard_counts
+
+out = {}
+# Qwen3-30B-A3B, 512 ranks, TP=2 PP=4 EP=8: one rank of each stage, built on the fake backend
+qwen = load_config("configs/qwen3_moe_30b_a3b.yaml").model
+par = ParallelConfig(tensor=2, pipeline=4, expert=8, expert_tensor=1)
+counts = shard_counts(qwen, 2, 8, 1)
+cand = Candidate(tensor=2, pipeline=4, context=1, expert=8, expert_tensor=1, recompute="none",
+                 rollout_tensor=1)
+out["qwen3"] = [[build_rank_counts(qwen, par, 512, rank=s * 128).total,
+                 counts.stage(layers, first=s == 0, last=s == 3).total]
+                for s, layers in enumerate(stage_layers(48, cand))]
+# DeepSeek-V3, 512 ranks, TP=8 EP=64: rank 77, all 61 layers
+ds = load_config("configs/deepseek_v3_671b.yaml", ["model.fp8=none"]).model
+par = ParallelConfig(tensor=8, expert=64, expert_tensor=1)
+built = build_rank_counts(ds, par, 512, rank=77)
+out["deepseek_rank"] = [[built.dense, built.expert], [shard_counts(ds, 8, 64, 1).whole_model().dense,
+                                                       shard_counts(ds, 8, 64, 1).whole_model().expert]]
+# DeepSeek-V3 total: the whole model on meta at world size 1 (as tests/model/test_build.py)
+cfg = load_config("configs/deepseek_v3_671b.yaml", ["model.fp8=none"])
+launch = discover({})
+ctx = init_parallel(resolve_layout(cfg.parallel, cfg.model, cfg.train, 1, cfg.data.seq_length),
+                    cfg.parallel, launch, 1234)
+meta = count_parameters(build_model(cfg.model, cfg.parallel, ctx, device=torch.device("meta")),
+                        cfg.model).total
+destroy_parallel()
+out["deepseek_total"] = [meta, shard_counts(cfg.model, 1, 1, 1).whole_model().total]
+print(json.dumps(out))
+"""
+
+
+def test_planner_counts_equal_rank_builds_at_512_and_the_671b_meta_total():
+    proc = run_python(FAKE_512, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for built, planned in got["qwen3"]:
+        assert built == planned
+    assert len({b for b, _ in got["qwen3"]}) > 1  # the stages do differ (embedding, head)
+    built, planned = got["deepseek_rank"]
+    assert built == planned
+    meta, planned_total = got["deepseek_total"]
+    assert meta == planned_total
+    assert abs(meta - 671e9) < 0.5e9
+
+
+# --- the command and the shipped config -------------------------------------------------------
+
+def plan_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "megatron_r1.plan", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_r1_zero_config_is_the_planners_first_choice(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = plan_cli("--config", R1, "--gpus", "512", "--gpu-memory", "80GB", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FITS: peak" in proc.stdout
+    plan = json.loads(out.read_text())
+    cfg = load_config(R1)
+    best = plan["ranked"][0]["layout"]
+    p = cfg.parallel
+    assert (best["tensor"], best["pipeline"], best["context"], best["expert"],
+            best["expert_tensor"], best["recompute"], best["rollout_tensor"]) == (
+        p.tensor, p.pipeline, p.context, p.expert, p.expert_tensor, cfg.model.recompute,
+        cfg.rollout.tensor_parallel)
+    configured = plan["configured"]
+    assert configured["fits"] and configured["peak"] <= 80e9
+    assert configured["stages"][0]["params_expert"] * 256 == 653_908_770_816  # 58 x 256 experts
+
+
+def test_plan_exit_codes(tmp_path):
+    small = plan_cli("--config", R1, "--gpus", "512", "--gpu-memory", "40GB", "--no-search")
+    assert small.returncode == 3
+    assert "DOES NOT FIT:" in small.stdout and "stage 0: train phase needs" in small.stdout
+    bad = plan_cli("--config", R1, "--gpus", "512", "--set", "parallel.tensor=3", "--no-search")
+    assert bad.returncode == 2
+    assert "parallel.tensor=3" in bad.stderr
+    tiny = plan_cli("--gpus", "2", "--set", "parallel.expert=2", "--top", "3")
+    assert tiny.returncode == 0, tiny.stderr[-3000:]
+    assert "FITS" in tiny.stdout and "layouts that fit, best first" in tiny.stdout
+
+
+def test_r1_zero_config_carries_the_recipe():
+    r1 = yaml.safe_load((REPO / R1).read_text())
+    base = yaml.safe_load((REPO / "configs/deepseek_v3_671b.yaml").read_text())
+    assert {k: v for k, v in r1["model"].items() if k != "recompute"} == base["model"]
+    cfg = load_config(R1)
+    assert (cfg.optim.lr, cfg.optim.lr_decay_style, cfg.optim.lr_warmup_steps) == (
+        3e-6, "constant", 0)
+    assert (cfg.grpo.kl_coef, cfg.grpo.group_size, cfg.grpo.ref_update_interval) == (
+        0.001, 16, 400)
+    outputs = cfg.grpo.prompts_per_rollout * cfg.grpo.group_size
+    assert outputs == 8192 and outputs // cfg.train.global_batch_size == 16
+    assert cfg.train.global_batch_size // cfg.grpo.group_size == 32  # questions per step
+    assert (cfg.rollout.temperature, cfg.rollout.max_new_tokens) == (1.0, 32768)
+    assert cfg.data.seq_length >= cfg.rollout.max_new_tokens
+
