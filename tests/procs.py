@@ -36,11 +36,16 @@ def run_module(args: list[str], *, nproc: int = 1, timeout: float = 300,
     return proc
 
 
-def run_script(script: Path, args: list[str], timeout: float = 300) -> None:
-    proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def run_script(script: Path, args: list[str], *, nproc: int = 1,
+               timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python SCRIPT ARGS` (under torchrun for nproc > 1); raises with its stderr on failure."""
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                      f"--nproc-per-node={nproc}"]
+    proc = subprocess.run([sys.executable, *launcher, str(script), *args], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{script} failed:\n{proc.stderr[-6000:]}")
+    return proc
 
 
 def read_rows(run_dir: Path) -> list[dict]:

@@ -130,14 +130,22 @@ def _model_key(i: int, num_chunks: int) -> str:
     return "model" if num_chunks == 1 else f"model{i}"
 
 
+def _module(chunk: torch.nn.Module) -> Any:
+    """The GPTModel (or its Float16Module) inside a DDP wrapper; a plain chunk as is."""
+    return getattr(chunk, "module", chunk)
+
+
 def _sharded_state_dict(model: list[torch.nn.Module], optimizer: MegatronOptimizer | None,
                         scheduler: OptimizerParamScheduler | None, trainer_state: dict[str, Any],
-                        ctx: ParallelContext, *, is_loading: bool,
-                        with_rng: bool) -> dict[str, Any]:
+                        ctx: ParallelContext, *, is_loading: bool, with_rng: bool,
+                        extra_models: dict[str, list[torch.nn.Module]]) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for i, chunk in enumerate(model):
-        # DDP holds the GPTModel (or its Float16Module) as .module.
-        state[_model_key(i, len(model))] = chunk.module.sharded_state_dict()  # type: ignore
+        state[_model_key(i, len(model))] = _module(chunk).sharded_state_dict()
+    for name, chunks in extra_models.items():
+        # Other models of the stage (e.g. GRPO's reference model), under their own prefix.
+        state[name] = {_model_key(i, len(chunks)): _module(c).sharded_state_dict(
+            prefix=f"{name}.") for i, c in enumerate(chunks)}
     if optimizer is not None and scheduler is not None:
         _prime_torch_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
@@ -154,13 +162,15 @@ def _sharded_state_dict(model: list[torch.nn.Module], optimizer: MegatronOptimiz
 def save_checkpoint(root: str | os.PathLike[str], step: int, model: list[torch.nn.Module],
                     optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
                     trainer_state: dict[str, Any], ctx: ParallelContext, *,
-                    keep_last: int = 0) -> Path:
+                    keep_last: int = 0,
+                    extra_models: dict[str, list[torch.nn.Module]] | None = None) -> Path:
     """Save a complete checkpoint of `step` atomically (collective: every rank calls it).
 
     Args:
         trainer_state: small picklable state of the caller (e.g. the data position); it is
             saved once (rank 0) and must be identical on every rank.
         keep_last: delete older checkpoints beyond this many (0 keeps all).
+        extra_models: further models saved with the policy, by name (e.g. "ref_model").
     """
     root = Path(root)
     final = step_dir(root, step)
@@ -171,7 +181,8 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, model: list[torch.n
         tmp.mkdir()
     dist.barrier()
     state = _sharded_state_dict(model, optimizer, scheduler, trainer_state, ctx,
-                                is_loading=False, with_rng=True)
+                                is_loading=False, with_rng=True,
+                                extra_models=extra_models or {})
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     if ctx.rank == 0:
@@ -199,9 +210,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def load_checkpoint(path: str | os.PathLike[str], model: list[torch.nn.Module],
                     optimizer: MegatronOptimizer | None, scheduler: OptimizerParamScheduler | None,
-                    ctx: ParallelContext) -> dict[str, Any]:
-    """Load a checkpoint into `model` (and `optimizer`/`scheduler` unless None); return the
-    trainer state saved with it plus `step`. Collective.
+                    ctx: ParallelContext, *,
+                    extra_models: dict[str, list[torch.nn.Module]] | None = None
+                    ) -> dict[str, Any]:
+    """Load a checkpoint into `model` (and `optimizer`/`scheduler` unless None, and the
+    `extra_models` it was saved with); return the trainer state saved with it plus `step`.
+    Collective.
 
     Raises:
         ValueError: optimizer state requested from a checkpoint of another model-parallel
@@ -221,11 +235,18 @@ def load_checkpoint(path: str | os.PathLike[str], model: list[torch.nn.Module],
     same_world = saved.get("world_size") == ctx.layout.world_size
     # Weights only (optimizer None): the saved optimizer, scheduler and RNG entries are
     # simply not requested.
+    extra_models = extra_models or {}
     template = _sharded_state_dict(model, optimizer, scheduler, {}, ctx, is_loading=True,
-                                   with_rng=same_world and optimizer is not None)
+                                   with_rng=same_world and optimizer is not None,
+                                   extra_models=extra_models)
     loaded = dist_checkpointing.load(template, str(path))
     for i, chunk in enumerate(model):
-        chunk.module.load_state_dict(loaded[_model_key(i, len(model))])  # type: ignore
+        _module(chunk).load_state_dict(loaded[_model_key(i, len(model))])
+    for name, chunks in extra_models.items():
+        for i, chunk in enumerate(chunks):
+            state = loaded[name][_model_key(i, len(chunks))]
+            _module(chunk).load_state_dict({k.removeprefix(f"{name}."): v
+                                            for k, v in state.items()})
     if optimizer is not None and scheduler is not None:
         # Under no_grad: the fallback torch optimizer copies into views of leaf parameters.
         with torch.no_grad():

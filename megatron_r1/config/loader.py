@@ -53,7 +53,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             except TypeError:
                 continue
     elif origin is Literal:
-        if value in typing.get_args(annotation) and type(value) in {
+        options = typing.get_args(annotation)
+        if isinstance(value, bool) and {"on", "off"} <= set(options):
+            # YAML 1.1 reads a bare `on`/`off` as a boolean; these fields mean the words.
+            value = "on" if value else "off"
+        if value in options and type(value) in {
                 type(a) for a in typing.get_args(annotation)}:
             return value
     elif annotation is type(None):

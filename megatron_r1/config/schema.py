@@ -319,10 +319,16 @@ class DataConfig:
     seed: int = 1234
     """Seed of the generated problems and of the sample order (independent of train.seed, so
     a new initialisation sees the same data and the same held-out set)."""
+    arithmetic_answer_noise: float = 0.0
+    """Share of the solver-written SFT examples (train split only) whose final answer is
+    replaced by a wrong number while the worked steps stay right: imperfect cold-start data,
+    which GRPO's accuracy reward then corrects (the quickstart demo uses it)."""
 
     def __post_init__(self) -> None:
         _positive("data", self, "seq_length", "num_train_samples", "num_eval_samples",
                   "arithmetic_min_ops", "arithmetic_max_ops", "arithmetic_max_operand")
+        _require(0.0 <= self.arithmetic_answer_noise <= 1.0, "data", "arithmetic_answer_noise",
+                 self.arithmetic_answer_noise, "must be in [0, 1]")
         _require(self.arithmetic_min_ops <= self.arithmetic_max_ops, "data", "arithmetic_min_ops",
                  self.arithmetic_min_ops,
                  f"cannot exceed data.arithmetic_max_ops={self.arithmetic_max_ops}")

@@ -160,17 +160,26 @@ def generate_problem(rng: random.Random, *, min_ops: int, max_ops: int,
     raise AssertionError(f"no valid {num_ops}-operation tree in 1000 draws")
 
 
-def write_solution(problem: Problem) -> str:
+def write_solution(problem: Problem, answer: int | None = None) -> str:
     """The solver's completion: each step in the chain of thought, then the answer.
 
     Args:
         problem: The problem to solve.
+        answer: The final answer to write (default: the right one; noisy cold-start data
+            passes a wrong one).
 
     Returns:
         `<think> a op b = c, ... </think> <answer> N </answer>`, the R1-Zero answer format.
     """
     reasoning = ", ".join(step.text() for step in problem.steps)
-    return f"<think> {reasoning} </think> <answer> {problem.answer} </answer>"
+    final = problem.answer if answer is None else answer
+    return f"<think> {reasoning} </think> <answer> {final} </answer>"
+
+
+def wrong_answer(problem: Problem, rng: random.Random, max_value: int) -> int:
+    """A value in 0..max_value other than the problem's answer (uniformly drawn)."""
+    value = _randint(rng, 0, max_value - 1)
+    return value + 1 if value >= problem.answer else value
 
 
 def make_splits(*, num_train: int, num_eval: int, min_ops: int, max_ops: int,

@@ -28,8 +28,15 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from megatron_r1.batching import rank_microbatches
 from megatron_r1.config.schema import DataConfig
-from megatron_r1.data.arithmetic import Problem, arithmetic_splits, write_solution
+from megatron_r1.data.arithmetic import (
+    VALUE_RANGE_FACTOR,
+    Problem,
+    arithmetic_splits,
+    write_solution,
+    wrong_answer,
+)
 from megatron_r1.data.template import render_prompt
 
 logger = logging.getLogger(__name__)
@@ -108,12 +115,16 @@ def arithmetic_examples(data: DataConfig, *,
         (train, eval): prompts rendered with data.template, completions from the solver.
     """
     splits = arithmetic_splits(data, seed=seed)
+    noise = random.Random(f"answer-noise:{seed}")
+    max_value = VALUE_RANGE_FACTOR * data.arithmetic_max_operand
 
-    def example(problem: Problem) -> SFTExample:
+    def example(problem: Problem, noisy: bool = False) -> SFTExample:
+        answer = wrong_answer(problem, noise, max_value) if noisy else None
         return SFTExample(prompt=render_prompt(problem.question, data.template),
-                          completion=write_solution(problem))
+                          completion=write_solution(problem, answer))
 
-    return [example(p) for p in splits.train], [example(p) for p in splits.eval]
+    train = [example(p, noise.random() < data.arithmetic_answer_noise) for p in splits.train]
+    return train, [example(p) for p in splits.eval]
 
 
 def sft_examples(data: DataConfig, *, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
@@ -334,9 +345,8 @@ class SFTBatchSource:
             self._epoch_consumed = 0
         start = self._epoch_consumed
         index_G = self._permutation(self._epoch)[start:start + self.global_batch_size]
-        b, d = self.micro_batch_size, self.dp_size
-        offsets = [m * b * d + self.dp_rank * b for m in range(self.num_micro_batches)]
-        micro_batches = [self.dataset.batch(index_G[o:o + b]) for o in offsets]
+        micro_batches = [self.dataset.batch(index_B) for index_B in rank_microbatches(
+            index_G, self.micro_batch_size, self.dp_rank, self.dp_size)]
         global_loss_tokens = int(self.dataset.loss_mask_NS[index_G].sum().item())
         self._epoch_consumed += self.global_batch_size
         self._consumed += self.global_batch_size

@@ -42,6 +42,13 @@ def test_set_overrides_win_over_the_file(tmp_path):
     assert cfg.data.path == "/x/y.jsonl"
 
 
+def test_on_off_words_survive_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("grpo:\n  fused_loss: off\n")
+    assert load_config(f).grpo.fused_loss == "off"
+    assert load_config(None, ["grpo.fused_loss=on"]).grpo.fused_loss == "on"
+
+
 @pytest.mark.parametrize("text", ["model.num_layers", "num_layers=3", "a.b.c=1", ".x=1"])
 def test_malformed_set_is_rejected(text):
     with pytest.raises(ValueError, match=r"expected section\.key=value"):

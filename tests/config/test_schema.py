@@ -23,7 +23,7 @@ from megatron_r1.config import load_config
     (["train.global_batch_size=10"], r"train.global_batch_size=10: must be a multiple of train.micro_batch_size=4"),
     (["grpo.group_size=1"], r"grpo.group_size=1: must be >= 2"),
     (["grpo.clip_low=1.5"], r"grpo.clip_low=1.5: must be < 1"),
-    (["grpo.mini_batches_per_rollout=3"], r"grpo.mini_batches_per_rollout=3: must divide the rollout size"),
+    (["train.global_batch_size=48"], r"train.global_batch_size=48 must divide the GRPO rollout grpo.prompts_per_rollout x grpo.group_size = 128"),
     (["rollout.top_p=0"], r"rollout.top_p=0.0: must be in \(0, 1\]"),
     (["data.source=jsonl"], r"data.path=None: is required for source=jsonl"),
     (["data.arithmetic_min_ops=4"], r"data.arithmetic_min_ops=4: cannot exceed data.arithmetic_max_ops=3"),

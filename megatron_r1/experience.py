@@ -1,0 +1,103 @@
+"""The experience store: every rollout's sequences, log-probs, rewards and advantages, in zarr.
+
+Layer L1. One zarr group per run (`<run_dir>/experience.zarr`), one row per sampled output,
+appended after every rollout. Per-token arrays are [rows, S] in the trainer's label layout
+(position t holds the log-prob of token t + 1; zeros outside the completion), so a row can
+be fed back to the trainer as is: rejection sampling reads the correct completions back from
+here, and analysis tools read any column without loading the rest.
+
+Appends are ordered: the per-row arrays are written first and `step` last, so a crash
+mid-append leaves rows that `read` ignores (it reads only up to the length of `step`), and
+the next append overwrites them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+# name -> (dtype, per-token?)
+COLUMNS: dict[str, tuple[str, bool]] = {
+    "rollout": ("int32", False),
+    "prompt_index": ("int32", False),
+    "prompt_len": ("int32", False),
+    "completion_len": ("int32", False),
+    "tokens": ("int32", True),
+    "loss_mask": ("bool", True),
+    "old_logp": ("float32", True),
+    "ref_logp": ("float32", True),
+    "sampler_logp": ("float32", True),
+    "reward": ("float32", False),
+    "advantage": ("float32", False),
+}
+ROWS_PER_CHUNK = 256
+
+
+class ExperienceStore:
+    """Append-only table of sampled outputs (rank 0 writes)."""
+
+    def __init__(self, path: str | os.PathLike[str], seq_length: int,
+                 reward_components: list[str]) -> None:
+        self.path = Path(path)
+        self.seq_length = seq_length
+        self.components = [f"reward_{name}" for name in reward_components]
+        self.group = zarr.open_group(str(self.path), mode="a")
+        for name, (dtype, per_token) in self._schema().items():
+            if name not in self.group:
+                shape = (0, seq_length) if per_token else (0,)
+                chunks = (ROWS_PER_CHUNK, seq_length) if per_token else (ROWS_PER_CHUNK * 16,)
+                self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype)
+            elif per_token and self._array(name).shape[1] != seq_length:
+                raise ValueError(f"{self.path}/{name} holds sequences of length "
+                                 f"{self._array(name).shape[1]}, this run uses data.seq_length="
+                                 f"{seq_length}: use a new run directory")
+        if "step" not in self.group:
+            self.group.create_array("step", shape=(0,), chunks=(ROWS_PER_CHUNK * 16,),
+                                    dtype="int32")
+
+    def _array(self, name: str) -> zarr.Array:
+        array = self.group[name]
+        assert isinstance(array, zarr.Array), f"{self.path}/{name} is not an array"
+        return array
+
+    def _schema(self) -> dict[str, tuple[str, bool]]:
+        return {**COLUMNS, **{name: ("float32", False) for name in self.components}}
+
+    def __len__(self) -> int:
+        return int(self._array("step").shape[0])
+
+    def truncate(self, rows: int) -> None:
+        """Drop rows beyond `rows` (a resumed run re-samples what came after its checkpoint)."""
+        for name in (*self._schema(), "step"):
+            array = self._array(name)
+            if array.shape[0] > rows:
+                array.resize((rows, *array.shape[1:]))
+
+    def append(self, step: int, columns: dict[str, torch.Tensor]) -> None:
+        """Append one rollout's rows; `columns` holds every schema column ([R] or [R, S])."""
+        missing = set(self._schema()) - set(columns)
+        if missing:
+            raise KeyError(f"experience columns missing: {sorted(missing)}")
+        rows = int(columns["reward"].shape[0])
+        self.truncate(len(self))  # rows a crashed append left behind
+        for name, (dtype, per_token) in self._schema().items():
+            value = columns[name].detach().cpu().numpy().astype(dtype)
+            expected = (rows, self.seq_length) if per_token else (rows,)
+            if value.shape != expected:
+                raise ValueError(f"experience column {name}: shape {value.shape}, expected "
+                                 f"{expected}")
+            self._array(name).append(value)
+        self._array("step").append(np.full(rows, step, dtype="int32"))
+
+    def read(self, columns: list[str] | None = None,
+             step: int | None = None) -> dict[str, np.ndarray]:
+        """Columns of all complete rows (or of one optimizer step's rollout)."""
+        rows = len(self)
+        steps = np.asarray(self._array("step")[:rows])
+        select = slice(None) if step is None else np.flatnonzero(steps == step)
+        names = columns or [*self._schema(), "step"]
+        return {name: np.asarray(self._array(name)[:rows])[select] for name in names}

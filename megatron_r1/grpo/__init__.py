@@ -1,0 +1,1 @@
+"""GRPO math (L1): group advantages, loss aggregation, rollout batching."""

@@ -1,0 +1,90 @@
+"""Forward steps of the GRPO stage, in megatron's `forward_step(batch, model)` contract.
+
+Layer L1 (the model is any module called as GPTModel is). Two steps:
+- `score_step`: per-token log-probs (and entropy) of the labels at the sampling temperature,
+  for the old-policy and reference log-probs and for the weight-sync check;
+- `loss_step`: the GRPO loss through `grpo_token_loss` (fused kernel where built), whose
+  per-token output is aggregated with the weights of grpo/loss.py.
+Under tensor parallelism the logits are this rank's vocabulary shard; the op all-reduces its
+per-row statistics over the TP group (and only those).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_r1.config.schema import GRPOConfig
+from megatron_r1.ops import grpo_token_loss
+
+Batch = dict[str, torch.Tensor]
+
+
+def _vocab_start(logits_BSV: torch.Tensor, tp_group: dist.ProcessGroup | None) -> int:
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return 0
+    return dist.get_rank(tp_group) * logits_BSV.shape[-1]
+
+
+def _score_loss(batch: Batch, temperature: float, fused: str, tp_group: Any,
+                logits_BSV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    zeros = torch.zeros_like(batch["loss_mask"])
+    out = grpo_token_loss(
+        logits_BSV.detach(), batch["labels"], zeros, zeros, zeros, batch["loss_mask"],
+        kl_coef=0.0, temperature=temperature, fused=fused,  # type: ignore[arg-type]
+        tp_group=tp_group, vocab_start=_vocab_start(logits_BSV, tp_group))
+    mask = batch["loss_mask"]
+    return (torch.zeros((), device=logits_BSV.device), mask.sum().to(torch.int),
+            {"rows": batch["rows"], "logp": out.logp.float() * mask})
+
+
+def score_step(temperature: float, fused: str, tp_group: Any) -> Any:
+    """forward_step returning each label's log-prob (masked positions 0) per micro-batch."""
+    def step(batch: Batch, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+        logits = model(batch["tokens"], batch["position_ids"], None)
+        return logits, functools.partial(_score_loss, batch, temperature, fused, tp_group)
+    return step
+
+
+def _grpo_loss(batch: Batch, grpo: GRPOConfig, temperature: float, tp_group: Any,
+               logits_BSV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    mask, weights = batch["loss_mask"], batch["weights"]
+    out = grpo_token_loss(
+        logits_BSV, batch["labels"], batch["old_logp"], batch["ref_logp"], batch["advantages"],
+        mask, clip_low=grpo.clip_low, clip_high=grpo.clip_high, kl_coef=grpo.kl_coef,
+        kl_estimator=grpo.kl_estimator, temperature=temperature, grad_scale=weights,
+        inplace_grad=True, fused=grpo.fused_loss, tp_group=tp_group,
+        vocab_start=_vocab_start(logits_BSV, tp_group))
+    loss_sum = (out.loss * weights).sum()
+    tokens = mask.sum()
+
+    def pair(value_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        return torch.stack([value_sum.detach().float(), count.float()])
+
+    ratio = torch.exp(out.logp - batch["old_logp"]) * mask
+    metrics = {
+        "loss": pair(loss_sum, batch["count"]),
+        "kl": pair((out.kl * mask).sum(), tokens),
+        "clip_fraction": pair((out.clipped.float() * mask).sum(), tokens),
+        "entropy": pair((out.entropy * mask).sum(), tokens),
+        "ratio_mean": pair(ratio.sum(), tokens),
+        # trainer vs engine: the same policy should give the same log-probs (at the first
+        # mini-batch of a rollout the policy is still the sampling one)
+        "sampler_logp_abs_diff": pair(((out.logp - batch["sampler_logp"]).abs() * mask).sum(),
+                                      tokens),
+    }
+    return loss_sum, batch["count"], metrics
+
+
+LOSS_METRICS = ["loss", "kl", "clip_fraction", "entropy", "ratio_mean", "sampler_logp_abs_diff"]
+
+
+def loss_step(grpo: GRPOConfig, temperature: float, tp_group: Any) -> Any:
+    """forward_step of one GRPO training micro-batch."""
+    def step(batch: Batch, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+        logits = model(batch["tokens"], batch["position_ids"], None)
+        return logits, functools.partial(_grpo_loss, batch, grpo, temperature, tp_group)
+    return step

@@ -1,0 +1,425 @@
+"""The GRPO stage: rollout, reward, advantage, old/ref log-probs, train, sync, log, save.
+
+Layer L3. One iteration of the loop is one rollout of prompts_per_rollout x group_size
+outputs, cut at random into mini-batches of train.global_batch_size, one optimizer step each
+(R1's schedule: pi_old is the policy that sampled the rollout, so the importance ratio moves
+off 1 after the first mini-batch). The phases read top to bottom in `_rollout_iteration`.
+
+The rollout engine lives on rank 0 (colocated: it sleeps while the trainer runs); what it
+samples is broadcast, every rank packs the same rollout tensors, and each data-parallel rank
+trains on Megatron's slice of every mini-batch. After the last mini-batch the weights go to
+the engine (gathered bucket by bucket) and the engine's log-probs of fixed probe sequences
+must match the trainer's, or the run stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_r1.batching import rank_microbatches
+from megatron_r1.config import Config
+from megatron_r1.data.prompts import PromptExample, prompt_splits
+from megatron_r1.data.tokenizer import resolve_tokenizer
+from megatron_r1.evaluation import evaluate
+from megatron_r1.experience import ExperienceStore
+from megatron_r1.grpo import forward
+from megatron_r1.grpo.advantage import group_advantages
+from megatron_r1.grpo.rollout_batch import RolloutTensors, microbatch, minibatch_order, pack_rollout
+from megatron_r1.hf_export import EngineExport
+from megatron_r1.model.build import build_model
+from megatron_r1.plot import plot_grpo_curves
+from megatron_r1.reward.scoring import RewardScorer, reward_components
+from megatron_r1.reward.types import Sample
+from megatron_r1.rollout.types import Completion, RolloutEngine, SamplingConfig
+from megatron_r1.schedule import forward_backward
+from megatron_r1.session import Session, end_session, start_session
+from megatron_r1.train_step import train_step
+
+log = logging.getLogger(__name__)
+
+REF_MODEL = "ref_model"
+
+
+class SyncCheckError(RuntimeError):
+    """The engine's log-probs disagree with the trainer's after a weight sync."""
+
+
+@dataclass
+class Stage:
+    """What the loop carries besides the session (rank-0-only parts are None elsewhere)."""
+
+    session: Session
+    train_prompts: list[PromptExample]
+    eval_prompts: list[PromptExample]
+    probes: list[list[int]]
+    export: EngineExport
+    engine: RolloutEngine | None
+    scorer: RewardScorer | None
+    store: ExperienceStore | None
+
+    @property
+    def cfg(self) -> Config:
+        return self.session.cfg
+
+    @property
+    def ref_model(self) -> list[torch.nn.Module] | None:
+        return self.session.extra_models.get(REF_MODEL)
+
+
+# ------------------------------------------------------------------ trainer-side log-probs
+def score_rows(model: list[torch.nn.Module], rollout: RolloutTensors, rows: list[torch.Tensor],
+               session: Session, temperature: float) -> dict[int, torch.Tensor]:
+    """Per-token log-probs [S] of the given micro-batches' rows under `model` (forward only);
+    known on last-stage ranks, empty elsewhere. Collective."""
+    cfg, ctx = session.cfg, session.ctx
+    step = forward.score_step(temperature, cfg.grpo.fused_loss, ctx.tp_group)
+    batches = [microbatch(rollout, index_B) for index_B in rows]
+    with torch.no_grad():
+        for chunk in model:
+            chunk.eval()
+        outputs = forward_backward(model, batches, step, ctx, seq_length=cfg.data.seq_length,
+                                   forward_only=True)
+        for chunk in model:
+            chunk.train()
+    return {int(r): lp for out in outputs for r, lp in zip(out["rows"], out["logp"])}
+
+
+def collect_on_rank0(local: dict[int, torch.Tensor], session: Session) -> dict[int, torch.Tensor]:
+    """Merge every last-stage rank's {row: tensor} on global rank 0. Collective."""
+    ctx = session.ctx
+    mine = local if (ctx.is_last_stage and ctx.tp_rank == 0) else {}
+    gathered: list[Any] = [None] * dist.get_world_size() if ctx.rank == 0 else []
+    dist.gather_object(mine, gathered if ctx.rank == 0 else None, dst=0)
+    merged: dict[int, torch.Tensor] = {}
+    for part in gathered:
+        merged.update(part or {})
+    return merged
+
+
+# ------------------------------------------------------------------ weight sync
+def sync_weights(stage: Stage) -> dict[str, float]:
+    """Push the policy to the engine, then check the engine against the trainer."""
+    start = time.perf_counter()
+    session = stage.session
+    buckets = stage.export.hf_buckets(session.model, session.ctx)
+    if stage.engine is not None:
+        stage.engine.update_weights(buckets)
+    else:
+        for _ in buckets:  # every bucket is collective: take part in each
+            pass
+    sync_s = time.perf_counter() - start
+    return {"time/sync_s": sync_s, **check_sync(stage)}
+
+
+def check_sync(stage: Stage) -> dict[str, float]:
+    """The correctness gate: engine vs trainer log-probs on the probe sequences."""
+    session, cfg = stage.session, stage.cfg
+    if not stage.probes:
+        return {}
+    rollout = probe_rollout(stage.probes, cfg.data.seq_length)
+    rows = [torch.tensor([i]) for i in range(len(stage.probes))]
+    trainer = collect_on_rank0(score_rows(session.model, rollout, rows, session, 1.0), session)
+    verdict: list[Any] = [None]
+    if session.ctx.rank == 0:
+        assert stage.engine is not None
+        engine = stage.engine.score(stage.probes)
+        worst = 0.0
+        for i, seq in enumerate(stage.probes):
+            mine = trainer[i][: len(seq) - 1]
+            worst = max(worst, float((mine - engine[i]).abs().max()))
+        verdict[0] = worst
+    dist.broadcast_object_list(verdict, src=0)
+    worst = float(verdict[0])
+    if worst > cfg.rollout.sync_check_atol:
+        raise SyncCheckError(
+            f"after the weight sync the engine's log-probs differ from the trainer's by up to "
+            f"{worst:.3g} nats on the probe sequences (rollout.sync_check_atol="
+            f"{cfg.rollout.sync_check_atol}): the engine holds wrong weights")
+    return {"sync/max_logp_diff": worst}
+
+
+def probe_rollout(probes: list[list[int]], seq_length: int) -> RolloutTensors:
+    """Probe sequences as rollout rows whose every token after the first is scored."""
+    groups = [[Completion(token_ids=tuple(p[1:]), logprobs=(0.0,) * (len(p) - 1), text="",
+                          finish_reason="stop")] for p in probes]
+    return pack_rollout([p[:1] for p in probes], groups, seq_length, pad_id=0)
+
+
+# ------------------------------------------------------------------ one rollout
+def _sample(stage: Stage, rollout_index: int) -> tuple[list[PromptExample], Any]:
+    """Rank 0 samples and scores; everyone receives the result."""
+    cfg = stage.cfg
+    p = cfg.grpo.prompts_per_rollout
+    order = torch.randperm(len(stage.train_prompts),
+                           generator=torch.Generator().manual_seed(cfg.data.seed + rollout_index))
+    prompts = [stage.train_prompts[int(i)] for i in order[:p]]
+    payload: list[Any] = [None]
+    if stage.session.ctx.rank == 0:
+        assert stage.engine is not None and stage.scorer is not None
+        start = time.perf_counter()
+        stage.engine.wake_up()
+        groups = stage.engine.generate(
+            [q.prompt_ids for q in prompts],
+            SamplingConfig(n=cfg.grpo.group_size, temperature=cfg.rollout.temperature,
+                           top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+                           seed=cfg.train.seed * 7919 + rollout_index))
+        stage.engine.sleep()
+        generate_s = time.perf_counter() - start
+        texts = [c.text for g in groups for c in g]
+        samples = [Sample(answer=q.answer, target_language=cfg.reward.target_language)
+                   for q in prompts for _ in range(cfg.grpo.group_size)]
+        rewards = stage.scorer.score(texts, samples)
+        payload[0] = (groups, rewards, generate_s)
+    dist.broadcast_object_list(payload, src=0)
+    return prompts, payload[0]
+
+
+def _rollout_iteration(stage: Stage, rollout_index: int, step: int,
+                       bar: tqdm) -> tuple[int, dict[str, float]]:
+    session, cfg, ctx = stage.session, stage.cfg, stage.session.ctx
+    timings: dict[str, float] = {}
+
+    # 1. rollout and rewards (rank 0), broadcast
+    prompts, (groups, rewards, timings["time/generate_s"]) = _sample(stage, rollout_index)
+    rollout = pack_rollout([q.prompt_ids for q in prompts], groups, cfg.data.seq_length,
+                           pad_id=stage.export.pad_id)
+
+    # 2. advantages
+    adv = group_advantages(rewards.total_N, rewards.components_N["accuracy"] > 0.5,
+                           cfg.grpo.group_size, std_normalize=cfg.grpo.std_normalize)
+
+    # 3. old (and reference) log-probs of this rank's rows, before any update
+    start = time.perf_counter()
+    minibatches = minibatch_order(len(rollout), cfg.train.global_batch_size,
+                                  seed=cfg.train.seed, rollout_index=rollout_index)
+    my_rows = {m: rank_microbatches(idx, cfg.train.micro_batch_size, ctx.dp_rank,
+                                    ctx.layout.data) for m, idx in enumerate(minibatches)}
+    all_mine = [b for rows in my_rows.values() for b in rows]
+    temperature = cfg.rollout.temperature
+    old = score_rows(session.model, rollout, all_mine, session, temperature)
+    ref = (score_rows(stage.ref_model, rollout, all_mine, session, temperature)
+           if stage.ref_model is not None else old)
+    shape = rollout.tokens_RS.shape
+    old_RS, ref_RS = torch.zeros(shape), torch.zeros(shape)
+    for r, lp in old.items():
+        old_RS[r] = lp
+    for r, lp in ref.items():
+        ref_RS[r] = lp
+    timings["time/logp_s"] = time.perf_counter() - start
+
+    # 4. one optimizer step per mini-batch
+    loss_step = forward.loss_step(cfg.grpo, temperature, ctx.tp_group)
+    rollout_metrics = {**rewards.metrics, **adv.metrics, **timings,
+                       "response/length_mean": float(rollout.completion_len_R.float().mean()),
+                       "response/truncated": float(sum(c.finish_reason == "length"
+                                                       for g in groups for c in g) / len(rollout))}
+    for m in range(len(minibatches)):
+        batches = [microbatch(rollout, index_B, advantages_R=adv.advantages_R, old_logp_RS=old_RS,
+                              ref_logp_RS=ref_RS, aggregation=cfg.grpo.loss_aggregation,
+                              max_new_tokens=cfg.rollout.max_new_tokens)
+                   for index_B in my_rows[m]]
+        result = train_step(session.model, session.optimizer, session.scheduler, batches,
+                            loss_step, forward.LOSS_METRICS, ctx, seq_length=cfg.data.seq_length)
+        step += 1
+        metrics = {**result.metrics, "rollout": float(rollout_index)}
+        if m == 0:
+            metrics.update(rollout_metrics)
+        if stage.ref_model is not None and cfg.grpo.ref_update_interval and \
+                step % cfg.grpo.ref_update_interval == 0:
+            copy_weights(session.model, stage.ref_model)
+            metrics["ref/refreshed"] = 1.0
+        session.metrics.log(step, metrics)
+        bar.set_postfix(reward=f"{rewards.metrics['reward/total_mean']:.2f}",
+                        kl=f"{result.metrics['kl']:.4f}")
+        bar.update(1)
+
+    # 5. weights to the engine, checked
+    sync = sync_weights(stage)
+    session.metrics.log(step, sync)
+
+    # 6. experience store (rank 0)
+    old0, ref0 = collect_on_rank0(old, session), collect_on_rank0(ref, session)
+    if stage.store is not None:
+        rows = len(rollout)
+        columns = {
+            "rollout": torch.full((rows,), rollout_index), "prompt_index": rollout.prompt_index_R,
+            "prompt_len": rollout.prompt_len_R, "completion_len": rollout.completion_len_R,
+            "tokens": rollout.tokens_RS, "loss_mask": rollout.loss_mask_RS.bool(),
+            "old_logp": _dense(old0, shape), "ref_logp": _dense(ref0, shape),
+            "sampler_logp": rollout.sampler_logp_RS, "reward": rewards.total_N,
+            "advantage": adv.advantages_R,
+            **{f"reward_{k}": v for k, v in rewards.components_N.items()},
+        }
+        stage.store.append(step, columns)
+    return step, rollout_metrics
+
+
+def _dense(rows: dict[int, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    out = torch.zeros(shape)
+    for r, value in rows.items():
+        out[r] = value
+    return out
+
+
+def copy_weights(source: list[torch.nn.Module], target: list[torch.nn.Module]) -> None:
+    """target <- source, parameter by parameter (same layout on this rank)."""
+    with torch.no_grad():
+        for src, dst in zip(source, target):
+            src_params = dict(getattr(src, "module", src).named_parameters())
+            for name, param in getattr(dst, "module", dst).named_parameters():
+                param.copy_(src_params[name])
+
+
+# ------------------------------------------------------------------ the stage
+def _reference_models(cfg: Config):  # type: ignore[no-untyped-def]
+    if cfg.grpo.kl_coef == 0:
+        return None
+
+    def build(ctx: Any) -> dict[str, list[torch.nn.Module]]:
+        chunks = build_model(cfg.model, cfg.parallel, ctx, perform_initialization=False)
+        for chunk in chunks:
+            chunk.requires_grad_(False)
+            chunk.eval()
+        return {REF_MODEL: list(chunks)}
+    return build
+
+
+def _probe_sequences(prompts: list[PromptExample], count: int, tokenizer: Any) -> list[list[int]]:
+    """Fixed sequences for the sync check: held-out prompts with a short continuation."""
+    probes = []
+    for q in prompts[:count]:
+        tail = tokenizer(" <think> 1 + 1 = 2 </think> <answer> 2 </answer>",
+                         add_special_tokens=False)["input_ids"]
+        probes.append([*q.prompt_ids, *tail])
+    return probes
+
+
+def _open_stage(cfg: Config, *, training: bool = True) -> Stage:
+    session = start_session(cfg, extra_models=_reference_models(cfg) if training else None)
+    ctx = session.ctx
+    if session.extra_models and not session.resumed:
+        copy_weights(session.model, session.extra_models[REF_MODEL])  # pi_ref = initial policy
+    if ctx.rank == 0:
+        tokenizer = resolve_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size,
+                                      cache_dir=session.run_dir)
+    dist.barrier()
+    if ctx.rank != 0:
+        tokenizer = resolve_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size,
+                                      cache_dir=session.run_dir)
+    train_prompts, eval_prompts = prompt_splits(cfg.data, tokenizer)
+    longest = max(len(q.prompt_ids) for q in train_prompts + eval_prompts)
+    if longest + cfg.rollout.max_new_tokens > cfg.data.seq_length + 1:
+        raise ValueError(f"data.seq_length={cfg.data.seq_length} cannot hold the longest prompt "
+                         f"({longest} tokens) plus rollout.max_new_tokens="
+                         f"{cfg.rollout.max_new_tokens}")
+    export = EngineExport(cfg.model, tokenizer, bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
+    engine = scorer = store = None
+    if ctx.rank == 0:
+        from megatron_r1.rollout.vllm_engine import VLLMEngine
+
+        model_dir = export.write_engine_dir(session.run_dir / "engine_model")
+        engine = VLLMEngine(model_dir, cfg.rollout, max_model_len=cfg.data.seq_length + 1,
+                            seed=cfg.train.seed, load_format="dummy")
+        scorer = RewardScorer.from_config(cfg.reward, num_workers=cfg.reward.num_workers)
+    if ctx.rank == 0 and training:
+        store = ExperienceStore(session.run_dir / "experience.zarr", cfg.data.seq_length,
+                                [c.name for c in reward_components(cfg.reward)])
+    probes = _probe_sequences(eval_prompts or train_prompts, cfg.rollout.sync_check_sequences,
+                              tokenizer)
+    return Stage(session=session, train_prompts=train_prompts, eval_prompts=eval_prompts,
+                 probes=probes, export=export, engine=engine, scorer=scorer, store=store)
+
+
+def _evaluate(stage: Stage, step: int) -> dict[str, float]:
+    """Held-out pass@1 / cons@k on rank 0; logged and returned on every rank."""
+    cfg = stage.cfg
+    result: list[Any] = [None]
+    if stage.session.ctx.rank == 0 and stage.eval_prompts:
+        assert stage.engine is not None and stage.scorer is not None
+        stage.engine.wake_up()
+        result[0] = evaluate(stage.engine, stage.eval_prompts, stage.scorer,
+                             k=cfg.eval.samples_per_question, temperature=cfg.eval.temperature,
+                             top_p=cfg.eval.top_p,
+                             max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                             seed=cfg.train.seed).metrics()
+        stage.engine.sleep()
+    dist.broadcast_object_list(result, src=0)
+    metrics = result[0] or {}
+    if metrics:
+        stage.session.metrics.log(step, metrics)
+    return metrics
+
+
+def run_grpo(cfg: Config) -> dict[str, float]:
+    """Train GRPO for train.steps optimizer steps; return held-out metrics before and after."""
+    stage = _open_stage(cfg)
+    try:
+        return _train(stage)
+    finally:
+        _close(stage)
+
+
+def _close(stage: Stage) -> None:
+    if stage.scorer is not None:
+        stage.scorer.close()
+    if stage.engine is not None:
+        stage.engine.close()
+    end_session(stage.session)
+
+
+def run_eval(cfg: Config) -> dict[str, float]:
+    """pass@1 / cons@k of the policy in checkpoint.load_dir (or the run's own latest)."""
+    stage = _open_stage(cfg, training=False)
+    try:
+        sync_weights(stage)
+        return _evaluate(stage, stage.session.start_step)
+    finally:
+        _close(stage)
+
+
+def _train(stage: Stage) -> dict[str, float]:
+    session, cfg = stage.session, stage.cfg
+    rollout_size = cfg.grpo.group_size * cfg.grpo.prompts_per_rollout
+    steps_per_rollout = rollout_size // cfg.train.global_batch_size
+    step = session.start_step
+    if step % steps_per_rollout:
+        raise ValueError(f"checkpoint at step {step} is not at a rollout boundary (every "
+                         f"{steps_per_rollout} steps)")
+    if stage.store is not None:  # rows sampled after the checkpoint are sampled again
+        done = session.trainer_state.get("experience_rows", 0)
+        stage.store.truncate(done)
+    summary: dict[str, float] = {}
+    sync = sync_weights(stage)  # the engine starts with dummy weights
+    session.metrics.log(step, sync)
+    before = _evaluate(stage, step)
+    summary.update({f"start/{k}": v for k, v in before.items()})
+    last = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+    bar = tqdm(total=last, initial=step, desc="grpo", unit="step",
+               disable=not (session.is_logging_rank and cfg.logging.progress_bar))
+    while step + steps_per_rollout <= last:
+        rollout_index = step // steps_per_rollout
+        previous = step
+        step, _ = _rollout_iteration(stage, rollout_index, step, bar)
+        interval = cfg.checkpoint.save_interval
+        crossed = interval and step // interval > previous // interval
+        if cfg.eval.interval and step // cfg.eval.interval > previous // cfg.eval.interval:
+            _evaluate(stage, step)
+        if crossed or step + steps_per_rollout > last:
+            rows = len(stage.store) if stage.store is not None else 0
+            holder = [rows]
+            dist.broadcast_object_list(holder, src=0)
+            session.save(step, {"experience_rows": holder[0]})
+    bar.close()
+    after = _evaluate(stage, step)
+    summary.update({f"end/{k}": v for k, v in after.items()})
+    if session.is_logging_rank:
+        plot_grpo_curves(session.metrics.path, Path(session.run_dir) / "grpo_curves.png")
+    return summary

@@ -1,0 +1,1 @@
+"""Moving trainer weights to rollout engines (L2): plan, then execute."""

@@ -1,0 +1,60 @@
+"""Test support: after a weight sync the engine decodes and scores like the trainer; a
+corrupted tensor in the sync trips the check. Prints a RESULT line (rank 0).
+
+Usage: sync_gate_worker.py CONFIG.yaml [section.key=value ...]"""
+
+import json
+import sys
+
+import torch
+
+from megatron_r1.config import load_config
+from megatron_r1.grpo_trainer import SyncCheckError, _close, _open_stage, check_sync, sync_weights
+from megatron_r1.rollout.types import SamplingConfig
+
+
+def trainer_greedy(model, prompt, steps):
+    """Greedy decoding with the megatron policy itself (full forward per token)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            tokens = torch.tensor([ids])
+            logits = model(tokens, torch.arange(len(ids))[None], None)
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+if __name__ == "__main__":
+    stage = _open_stage(load_config(sys.argv[1], sys.argv[2:]), training=False)
+    try:
+        report = {"first_sync": sync_weights(stage)["sync/max_logp_diff"]}
+        if stage.engine is not None:
+            prompt = list(stage.eval_prompts[0].prompt_ids)
+            engine = stage.engine.generate([prompt], SamplingConfig(
+                n=1, temperature=0.0, top_p=1.0, max_new_tokens=12))[0][0]
+            module = stage.session.model[0].module
+            report["greedy_equal"] = list(engine.token_ids) == trainer_greedy(module, prompt,
+                                                                               len(engine.token_ids))
+        original = stage.export.hf_buckets
+
+        def corrupted(model, ctx):  # one tensor of the stream scaled by 1.5
+            for i, bucket in enumerate(original(model, ctx)):
+                if i == 0 and bucket:
+                    name, tensor = bucket[0]
+                    bucket = [(name, tensor * 1.5), *bucket[1:]]
+                yield bucket
+
+        stage.export.hf_buckets = corrupted
+        try:
+            sync_weights(stage)
+            report["tripped"] = False
+        except SyncCheckError as err:
+            report["tripped"] = True
+            report["message"] = str(err)
+        stage.export.hf_buckets = original
+        sync_weights(stage)
+        report["restored"] = check_sync(stage)["sync/max_logp_diff"]
+        if stage.session.ctx.rank == 0:
+            print("RESULT " + json.dumps(report))
+    finally:
+        _close(stage)

@@ -1,0 +1,53 @@
+"""The zarr experience store: append, read back, per-step selection, crash-safe appends."""
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_r1.experience import ExperienceStore
+
+
+def rollout(rows: int, seq: int, value: float) -> dict:
+    columns = {
+        "rollout": torch.zeros(rows), "prompt_index": torch.arange(rows),
+        "prompt_len": torch.full((rows,), 3), "completion_len": torch.full((rows,), 2),
+        "tokens": torch.arange(rows * seq).view(rows, seq),
+        "loss_mask": torch.ones(rows, seq, dtype=torch.bool),
+        "old_logp": torch.full((rows, seq), value), "ref_logp": torch.full((rows, seq), value),
+        "sampler_logp": torch.full((rows, seq), value), "reward": torch.full((rows,), value),
+        "advantage": torch.zeros(rows), "reward_accuracy": torch.ones(rows),
+    }
+    return columns
+
+
+def test_append_and_read_back(tmp_path):
+    store = ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy"])
+    store.append(2, rollout(4, 5, -1.0))
+    store.append(4, rollout(3, 5, -2.0))
+    again = ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy"])  # reopened, appendable
+    assert len(again) == 7
+    rows = again.read(step=4)
+    assert rows["reward"].tolist() == [-2.0] * 3 and rows["tokens"].shape == (3, 5)
+    assert again.read(["step"])["step"].tolist() == [2] * 4 + [4] * 3
+    assert np.asarray(again.read(["reward_accuracy"])["reward_accuracy"]).sum() == 7
+
+
+def test_truncate_drops_rows_after_a_checkpoint(tmp_path):
+    store = ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy"])
+    store.append(2, rollout(4, 5, -1.0))
+    store.append(4, rollout(4, 5, -2.0))
+    store.truncate(4)
+    assert len(store) == 4 and store.read()["reward"].tolist() == [-1.0] * 4
+
+
+def test_bad_columns_are_named(tmp_path):
+    store = ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy"])
+    bad = rollout(2, 5, 0.0)
+    del bad["ref_logp"]
+    with pytest.raises(KeyError, match="ref_logp"):
+        store.append(0, bad)
+    bad = rollout(2, 4, 0.0)
+    with pytest.raises(ValueError, match=r"experience column tokens: shape \(2, 4\)"):
+        store.append(0, bad)
+    with pytest.raises(ValueError, match=r"data\.seq_length=6"):
+        ExperienceStore(tmp_path / "x.zarr", 6, ["accuracy"])
