@@ -152,6 +152,26 @@ class _CudaLiteralsToCpu(TorchFunctionMode):
 _MODE: _CudaLiteralsToCpu | None = None
 
 
+# --- 6. the causal mask of the local attention, built again during recomputation --------------
+def _causal_mask_on_cpu() -> None:
+    """`get_default_causal_mask` (transformer/utils.py, called by FusedScaleMaskSoftmax) creates
+    its mask with `device="cuda"`. Fix 4 rewrites that in the forward pass, but activation
+    recomputation re-runs the forward inside autograd's backward, where the device-literal
+    mode is not active (a mode is switched off while its own handler, here the one around
+    `backward`, runs). Build the mask on the CPU (cached per length, as megatron does)."""
+    import functools
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    @functools.lru_cache(maxsize=32)
+    def causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+    utils.get_default_causal_mask = causal_mask
+    fused_softmax.get_default_causal_mask = causal_mask
+
+
 def _cuda_literals_to_cpu() -> None:
     global _MODE
     _MODE = _CudaLiteralsToCpu()
@@ -209,6 +229,7 @@ CPU_REDIRECTIONS: dict[str, Callable[[], None]] = {
     "cuda_device_queries_to_cpu": _cuda_device_queries_to_cpu,
     "cuda_literals_to_cpu": _cuda_literals_to_cpu,
     "no_compile_on_cpu": _no_compile_on_cpu,
+    "causal_mask_on_cpu": _causal_mask_on_cpu,
 }
 
 

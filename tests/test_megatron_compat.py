@@ -71,6 +71,9 @@ PROBES = {
         "opt, _ = build_optimizer(w, cfg.optim, cfg.model, cfg.parallel, 10, ctx)\n"
         "forward(w[0]).backward(); opt.step()",
         "Torch not compiled with CUDA enabled"),
+    "causal_mask_on_cpu": (
+        "cfg, ctx, m = model('model.recompute=full')\nforward(m).backward()",
+        "Torch not compiled with CUDA enabled"),
     "router_gemm_without_te": (
         "cfg, ctx, m = model()\nforward(m).backward()",
         "name 'te_general_gemm' is not defined"),
