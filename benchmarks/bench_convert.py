@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -40,6 +39,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from provenance import commit, cpu_name  # noqa: E402
 
 from megatron_r1.checkpoint.hf import FAMILIES  # noqa: E402
 from megatron_r1.checkpoint.hf import hf_config as H  # noqa: E402
@@ -83,25 +84,6 @@ DEEPSEEK_V3_671B: dict[str, Any] = {
 }
 
 
-def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                             capture_output=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO, text=True, capture_output=True, timeout=10).stdout
-        return (sha or "unknown") + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def device() -> str:
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() \
-            else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu} x{os.cpu_count()}"
 
 
 def bench_config(layers: int, experts: int) -> dict[str, Any]:
@@ -267,7 +249,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    common = {"time_utc": stamp, "device": device(), "commit": commit(),
+    common = {"time_utc": stamp, "device": cpu_name(), "commit": commit(),
               "torch": torch.__version__}
 
     cfg = bench_config(args.layers, args.experts)

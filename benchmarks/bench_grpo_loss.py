@@ -36,7 +36,6 @@ import datetime as dt
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +47,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from provenance import commit  # noqa: E402
+
 from megatron_r1.ops import grpo_loss_kernels as kernels  # noqa: E402
 from megatron_r1.ops import grpo_token_loss, grpo_token_loss_reference  # noqa: E402
 from megatron_r1.ops.grpo_loss import fused_kernels_available  # noqa: E402
@@ -56,19 +57,6 @@ from megatron_r1.ops.grpo_loss_reference import token_terms  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 LOSS_KW = dict(clip_low=0.2, clip_high=0.2, kl_coef=0.001, kl_estimator="k3", temperature=1.0)
 
-
-def commit() -> str:
-    """Short commit (+ '-dirty'); MEGATRON_R1_COMMIT overrides (copies without .git)."""
-    if os.environ.get("MEGATRON_R1_COMMIT"):
-        return os.environ["MEGATRON_R1_COMMIT"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                             capture_output=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO, text=True, capture_output=True, timeout=10).stdout
-        return (sha or "unknown") + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def device_name(device: torch.device) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +26,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from provenance import commit  # noqa: E402
 
 from megatron_r1.config import load_config  # noqa: E402
 from megatron_r1.layout import padded_vocab_size, resolve_layout  # noqa: E402
@@ -57,13 +58,6 @@ CASES: list[tuple[str, list[str]]] = [
 SEQ_LENGTHS = (2048, 4096)
 RECOMPUTE = ("none", "selective", "full")
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def estimate(cfg, seq: int) -> float:  # type: ignore[no-untyped-def]
@@ -149,7 +143,7 @@ def main() -> int:
                                          "train.global_batch_size=1"])
                 est = estimate(cfg, seq)
                 got = measure(cfg, seq, device)
-                row = {"device": name, "commit": _commit(), "case": case, "seq": seq,
+                row = {"device": name, "commit": commit(), "case": case, "seq": seq,
                        "micro_batch": 1, "recompute": recompute, "dtype": dtype,
                        "estimated_bytes": int(est),
                        "measured_bytes": "" if got is None else int(got),

@@ -6,6 +6,8 @@ appended after every rollout. Per-token arrays are [rows, S] in the trainer's la
 be fed back to the trainer as is: rejection sampling reads the correct completions back from
 here, and analysis tools read any column without loading the rest.
 
+`step` is the number of optimizer steps of the policy that sampled the row.
+
 Appends are ordered: the per-row arrays are written first and `step` last, so a crash
 mid-append leaves rows that `read` ignores (it reads only up to the length of `step`), and
 the next append overwrites them.

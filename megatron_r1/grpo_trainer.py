@@ -27,7 +27,6 @@ from tqdm import tqdm
 from megatron_r1.batching import rank_microbatches
 from megatron_r1.config import Config
 from megatron_r1.data.prompts import PromptExample, prompt_splits
-from megatron_r1.data.tokenizer import resolve_tokenizer
 from megatron_r1.evaluation import evaluate
 from megatron_r1.experience import ExperienceStore
 from megatron_r1.grpo import forward
@@ -40,7 +39,7 @@ from megatron_r1.reward.scoring import RewardScorer, reward_components
 from megatron_r1.reward.types import Sample
 from megatron_r1.rollout.types import Completion, RolloutEngine, SamplingConfig
 from megatron_r1.schedule import forward_backward
-from megatron_r1.session import Session, end_session, start_session
+from megatron_r1.session import Session, end_session, run_tokenizer, start_session
 from megatron_r1.train_step import train_step
 
 log = logging.getLogger(__name__)
@@ -186,6 +185,7 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int,
                        bar: tqdm) -> tuple[int, dict[str, float]]:
     session, cfg, ctx = stage.session, stage.cfg, stage.session.ctx
     timings: dict[str, float] = {}
+    sampled_at = step  # the policy version that samples this rollout
 
     # 1. rollout and rewards (rank 0), broadcast
     prompts, (groups, rewards, timings["time/generate_s"]) = _sample(stage, rollout_index)
@@ -258,7 +258,7 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int,
             "advantage": adv.advantages_R,
             **{f"reward_{k}": v for k, v in rewards.components_N.items()},
         }
-        stage.store.append(step, columns)
+        stage.store.append(sampled_at, columns)
     return step, rollout_metrics
 
 
@@ -307,13 +307,7 @@ def _open_stage(cfg: Config, *, training: bool = True) -> Stage:
     ctx = session.ctx
     if session.extra_models and not session.resumed:
         copy_weights(session.model, session.extra_models[REF_MODEL])  # pi_ref = initial policy
-    if ctx.rank == 0:
-        tokenizer = resolve_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size,
-                                      cache_dir=session.run_dir)
-    dist.barrier()
-    if ctx.rank != 0:
-        tokenizer = resolve_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size,
-                                      cache_dir=session.run_dir)
+    tokenizer = run_tokenizer(session)
     train_prompts, eval_prompts = prompt_splits(cfg.data, tokenizer)
     longest = max(len(q.prompt_ids) for q in train_prompts + eval_prompts)
     if longest + cfg.rollout.max_new_tokens > cfg.data.seq_length + 1:

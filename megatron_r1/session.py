@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_r1.checkpoint.dist_ckpt import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_r1.config import Config, write_resolved_config
+from megatron_r1.data.tokenizer import resolve_tokenizer
 from megatron_r1.layout import resolve_layout
 from megatron_r1.metrics import MetricsWriter
 from megatron_r1.model.build import build_model
@@ -127,6 +128,20 @@ def start_session(cfg: Config, launch: LaunchEnv | None = None,
                    run_dir=run_dir, checkpoint_dir=checkpoint_dir, metrics=metrics,
                    start_step=start_step, trainer_state=trainer_state, extra_models=extras,
                    resumed=path is not None and own)
+
+
+def run_tokenizer(session: Session) -> Any:
+    """The run's tokenizer: data.tokenizer, or the built-in one built by rank 0 into the run
+    directory while the other ranks wait, then loaded by them. Collective."""
+    cfg = session.cfg
+
+    def resolve() -> Any:
+        return resolve_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size,
+                                 cache_dir=session.run_dir)
+
+    tokenizer = resolve() if session.ctx.rank == 0 else None
+    dist.barrier()
+    return tokenizer if tokenizer is not None else resolve()
 
 
 def end_session(session: Session) -> None:

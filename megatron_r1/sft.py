@@ -15,14 +15,12 @@ import math
 import time
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_r1.config import Config
 from megatron_r1.data.sft import MicroBatch, SFTBatchSource, SFTDataset, sft_datasets
-from megatron_r1.data.tokenizer import resolve_tokenizer
 from megatron_r1.schedule import LossFn
-from megatron_r1.session import Session, end_session, start_session
+from megatron_r1.session import Session, end_session, run_tokenizer, start_session
 from megatron_r1.train_step import eval_step, train_step
 
 log = logging.getLogger(__name__)
@@ -67,13 +65,7 @@ def run_sft(cfg: Config) -> dict[str, float]:
 
 def _train(cfg: Config, session: Session) -> dict[str, float]:
     ctx = session.ctx
-    if ctx.rank == 0:  # build once, then every rank loads the same files
-        tokenizer = resolve_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size,
-                                      cache_dir=session.run_dir)
-    dist.barrier()
-    if ctx.rank != 0:
-        tokenizer = resolve_tokenizer(cfg.data, vocab_size=cfg.model.vocab_size,
-                                      cache_dir=session.run_dir)
+    tokenizer = run_tokenizer(session)
     train_set, eval_set = sft_datasets(cfg.data, tokenizer, seed=cfg.data.seed)
     source = SFTBatchSource(train_set, global_batch_size=cfg.train.global_batch_size,
                             micro_batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp_rank,

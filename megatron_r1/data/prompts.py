@@ -7,7 +7,6 @@ the file and line). Prompts are rendered with the configured template and tokeni
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from megatron_r1.config.schema import DataConfig
 from megatron_r1.data.arithmetic import arithmetic_splits
+from megatron_r1.data.jsonl import read_jsonl_records
 from megatron_r1.data.template import render_prompt
 
 
@@ -30,24 +30,9 @@ class PromptExample:
 
 
 def read_prompt_jsonl(path: str | Path) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs from a JSONL file; the errors name file and line."""
-    pairs = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON: {err.msg}") from err
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected an object, got {type(row).__name__}")
-        for key in ("prompt", "answer"):
-            if not isinstance(row.get(key), str | int | float) or isinstance(row.get(key), bool):
-                raise ValueError(f"{path}:{number}: key {key!r} missing or not a string/number")
-        pairs.append((str(row["prompt"]), str(row["answer"])))
-    if not pairs:
-        raise ValueError(f"{path}: no prompts")
-    return pairs
+    """(prompt, answer) pairs from a JSONL file of {"prompt": ..., "answer": ...} strings; the
+    errors name the file and line."""
+    return [(r["prompt"], r["answer"]) for r in read_jsonl_records(path, ("prompt", "answer"))]
 
 
 def prompt_splits(data: DataConfig, tokenizer: PreTrainedTokenizerBase

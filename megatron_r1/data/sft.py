@@ -18,7 +18,6 @@ Shapes: N samples in a data set, S = seq_length, B = micro_batch_size, G = globa
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Iterator, Sequence
@@ -37,6 +36,7 @@ from megatron_r1.data.arithmetic import (
     write_solution,
     wrong_answer,
 )
+from megatron_r1.data.jsonl import read_jsonl_records
 from megatron_r1.data.template import render_prompt
 
 logger = logging.getLogger(__name__)
@@ -58,49 +58,10 @@ class SFTExample:
 
 
 def read_jsonl(path: str | Path) -> list[SFTExample]:
-    """Read `{"prompt": str, "completion": str}` objects, one per line (blank lines skipped).
-
-    Args:
-        path: The JSONL file. Keys other than prompt and completion are ignored.
-
-    Returns:
-        The examples in file order, prompts as written (no template applied).
-
-    Raises:
-        ValueError: naming the file and the 1-based line for bad UTF-8, bad JSON, a value that
-            is not an object, a missing key or a non-string value; naming the file when it is
-            missing or holds no example.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    examples = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")  # keeps error columns on the line
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{where}: not UTF-8 ({err.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected an object with keys 'prompt' and "
-                                 f"'completion', got a JSON {type(obj).__name__}")
-            for key in ("prompt", "completion"):
-                if key not in obj:
-                    raise ValueError(f"{where}: missing key {key!r}")
-                if not isinstance(obj[key], str):
-                    raise ValueError(f"{where}: {key!r} must be a string, got "
-                                     f"{type(obj[key]).__name__} {obj[key]!r}")
-            examples.append(SFTExample(prompt=obj["prompt"], completion=obj["completion"]))
-    if not examples:
-        raise ValueError(f"{path}: holds no examples")
-    return examples
+    """`{"prompt": str, "completion": str}` examples of a JSONL file (prompts as written, no
+    template applied); errors as read_jsonl_records."""
+    return [SFTExample(prompt=r["prompt"], completion=r["completion"])
+            for r in read_jsonl_records(path, ("prompt", "completion"))]
 
 
 def arithmetic_examples(data: DataConfig, *,

@@ -1,0 +1,58 @@
+"""Reading JSON-lines data files whose errors name the file and the line.
+
+Layer L1 (pure Python). SFT examples and GRPO prompts are both JSONL; one reader checks them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def read_jsonl_records(path: str | Path, keys: Sequence[str]) -> list[dict[str, str]]:
+    """Read one JSON object per line (blank lines skipped), keeping the string values of `keys`.
+
+    Args:
+        path: The JSONL file. Other keys are ignored.
+        keys: Keys every object must have, each with a string value.
+
+    Returns:
+        {key: value} per object, in file order.
+
+    Raises:
+        ValueError: naming the file and the 1-based line for bad UTF-8, bad JSON, a value that
+            is not an object, a missing key or a non-string value; naming the file when it is
+            missing or holds no object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    records = []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")  # keeps error columns on the line
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: not UTF-8 ({err.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON: {err.msg} (column {err.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected an object with keys "
+                                 f"{' and '.join(repr(k) for k in keys)}, got a JSON "
+                                 f"{type(obj).__name__}")
+            for key in keys:
+                if key not in obj:
+                    raise ValueError(f"{where}: missing key {key!r}")
+                if not isinstance(obj[key], str):
+                    raise ValueError(f"{where}: {key!r} must be a string, got "
+                                     f"{type(obj[key]).__name__} {obj[key]!r}")
+            records.append({key: obj[key] for key in keys})
+    if not records:
+        raise ValueError(f"{path}: holds no examples")
+    return records
