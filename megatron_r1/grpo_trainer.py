@@ -208,11 +208,7 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int,
     ref = (score_rows(stage.ref_model, rollout, all_mine, session, temperature)
            if stage.ref_model is not None else old)
     shape = rollout.tokens_RS.shape
-    old_RS, ref_RS = torch.zeros(shape), torch.zeros(shape)
-    for r, lp in old.items():
-        old_RS[r] = lp
-    for r, lp in ref.items():
-        ref_RS[r] = lp
+    old_RS, ref_RS = _dense(old, shape), _dense(ref, shape)  # this rank's rows filled in
     timings["time/logp_s"] = time.perf_counter() - start
 
     # 4. one optimizer step per mini-batch
@@ -263,6 +259,7 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int,
 
 
 def _dense(rows: dict[int, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """[R, S] with the given rows' values, zeros elsewhere."""
     out = torch.zeros(shape)
     for r, value in rows.items():
         out[r] = value
