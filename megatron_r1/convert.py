@@ -109,6 +109,14 @@ class ConversionReport:
     def throughput_gbps(self) -> float:
         return max(self.bytes_read, self.bytes_written) / max(self.seconds, 1e-9) / 1e9
 
+    def finish(self, start: float, budget: MemoryBudget) -> ConversionReport:
+        """Record the wall time since `start` and the peaks, log the summary; returns self."""
+        self.seconds = time.perf_counter() - start
+        self.accounted_peak_bytes = budget.peak
+        self.rss_peak_bytes = peak_rss_bytes()
+        log.info("%s", self.summary())
+        return self
+
     def summary(self) -> str:
         return (f"{self.direction} ({self.family}) -> {self.output}: {self.tensors_read} tensors, "
                 f"read {format_size(self.bytes_read)}, wrote {format_size(self.bytes_written)} in "
@@ -273,11 +281,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         mcore_io.stop_single_process()
-    report.seconds = time.perf_counter() - start
-    report.accounted_peak_bytes = budget.peak
-    report.rss_peak_bytes = peak_rss_bytes()
-    log.info("%s", report.summary())
-    return report
+    return report.finish(start, budget)
 
 
 # ------------------------------------------------------------------------------ mcore -> HF
@@ -426,11 +430,7 @@ def mcore_to_hf(ckpt: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         mcore_io.stop_single_process()
-    report.seconds = time.perf_counter() - start
-    report.accounted_peak_bytes = budget.peak
-    report.rss_peak_bytes = peak_rss_bytes()
-    log.info("%s", report.summary())
-    return report
+    return report.finish(start, budget)
 
 
 def _export_dtypes(units: Sequence[Unit], recorded: dict[str, str], forced: torch.dtype | None,
