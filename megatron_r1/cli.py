@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Sequence
 
 from megatron_r1.config import Config, load_config
+from megatron_r1.layout import resolve_layout
 
 log = logging.getLogger("megatron_r1")
 
@@ -37,6 +38,9 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE",
                         help="override one config value; repeatable, applied after --config")
+    parser.add_argument("--check-world-size", type=int, metavar="N",
+                        help="only check the config and the parallel layout for N processes, "
+                             "then exit (0: valid, 2: the first problem, named)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     try:
         cfg = load_config(args.config, args.overrides)
+        if getattr(args, "check_world_size", None) is not None:
+            resolve_layout(cfg.parallel, cfg.model, cfg.train, args.check_world_size,
+                           cfg.data.seq_length)
+            print(f"megatron-r1 {args.command}: config and layout valid for "
+                  f"{args.check_world_size} process(es)")
+            return 0
         return _run(args, cfg)
     except (ValueError, TypeError, FileNotFoundError) as err:
         # Input errors (config, layout, data, checkpoints) are reported, not traced.

@@ -24,6 +24,14 @@ def test_bad_input_is_reported_before_process_groups(args, message):
     assert "Traceback" not in proc.stderr
 
 
+def test_check_world_size_validates_without_starting_anything():
+    ok = run_module(["sft", "--set", "parallel.tensor=2", "--check-world-size", "2"], check=False)
+    assert ok.returncode == 0 and "config and layout valid for 2 process(es)" in ok.stdout
+    bad = run_module(["sft", "--set", "parallel.tensor=2", "--check-world-size", "3"],
+                     check=False)
+    assert bad.returncode == 2 and "does not divide the world size 3" in bad.stderr
+
+
 def test_help_lists_the_commands():
     proc = run_module(["--help"], check=False)
     assert proc.returncode == 0 and "sft" in proc.stdout

@@ -51,9 +51,12 @@ def test_bad_config_fails_the_job_with_exit_code_2(tmp_path, kit, slurm):
 
 def test_time_limit_signal_requeues_the_job(tmp_path, kit, slurm):
     """USR1 is what --signal=B:USR1@300 delivers before the time limit: the batch script
-    requeues its job (a stand-in program sleeps instead of training)."""
+    requeues its job (a stand-in program passes the config check, then sleeps instead of
+    training)."""
     sleeper = tmp_path / "sleeper.sh"
-    sleeper.write_text("#!/bin/bash\nsleep 120\n")
+    sleeper.write_text("#!/bin/bash\n"
+                       'for a in "$@"; do [[ $a == --check-world-size ]] && exit 0; done\n'
+                       "sleep 120\n")
     sleeper.chmod(0o755)
     job = slurm.submit([*TWO_TASKS, "--job-name=mr1-usr1", SBATCH, "sft"], tmp_path,
                        kit.launch_env(MR1_LAUNCHER=str(sleeper)))
