@@ -28,6 +28,9 @@ class Layout:
     expert_data: int
     """Data-parallel degree of the experts: world / (ETP x EP x PP)."""
     virtual_pipeline: int | None
+    first_stage_layers: int | None
+    """Layers of the first pipeline stage when set (uneven split), else None."""
+    last_stage_layers: int | None
     sequence_parallel: bool
     num_microbatches: int
     """Micro-batches per optimizer step on each data-parallel rank."""
@@ -62,6 +65,12 @@ def resolve_layout(parallel: ParallelConfig, model: ModelConfig, train: TrainCon
             f"parallel.expert_tensor={etp} x parallel.expert={ep} x parallel.pipeline={pp} = "
             f"{expert_split} does not divide the world size {world_size}")
     dp = world_size // dense
+    if cp > 1:
+        # Megatron-core's CP attention exists only in Transformer Engine, and the caller must
+        # hand each CP rank its load-balanced sequence chunks and gather per-token results
+        # back: the SFT and GRPO data paths do not do that yet, and no CPU test could prove it.
+        raise ValueError(f"parallel.context={cp}: context parallelism is not supported yet "
+                         "(sequences are not split over CP ranks); use parallel.context=1")
 
     if ep > 1 and not model.is_moe:
         raise ValueError(f"parallel.expert={ep}: the model has no experts (model.num_experts=0)")
@@ -69,15 +78,11 @@ def resolve_layout(parallel: ParallelConfig, model: ModelConfig, train: TrainCon
         raise ValueError(f"parallel.expert={ep} does not divide model.num_experts="
                          f"{model.num_experts}")
 
-    chunks = pp * (parallel.virtual_pipeline or 1)
     if parallel.virtual_pipeline is not None and pp == 1:
         raise ValueError(f"parallel.virtual_pipeline={parallel.virtual_pipeline} needs "
                          "parallel.pipeline > 1")
-    if model.num_layers % chunks:
-        raise ValueError(
-            f"model.num_layers={model.num_layers} is not divisible by parallel.pipeline={pp}"
-            + (f" x parallel.virtual_pipeline={parallel.virtual_pipeline}"
-               if parallel.virtual_pipeline else ""))
+    pipeline_stage_layers(model.num_layers, pp, parallel.virtual_pipeline,
+                          parallel.first_stage_layers, parallel.last_stage_layers)
 
     for key, value in (("num_attention_heads", model.num_attention_heads),
                        ("num_query_groups", model.num_query_groups),
@@ -102,9 +107,6 @@ def resolve_layout(parallel: ParallelConfig, model: ModelConfig, train: TrainCon
     if sequence_parallel and seq_length % tp:
         raise ValueError(f"data.seq_length={seq_length} must be divisible by parallel.tensor={tp} "
                          "with sequence parallelism")
-    if cp > 1 and seq_length % (2 * cp):
-        raise ValueError(f"data.seq_length={seq_length} must be divisible by 2 x parallel.context="
-                         f"{2 * cp}")
 
     per_step = train.micro_batch_size * dp
     if train.global_batch_size % per_step:
@@ -114,5 +116,48 @@ def resolve_layout(parallel: ParallelConfig, model: ModelConfig, train: TrainCon
     return Layout(world_size=world_size, tensor=tp, pipeline=pp, context=cp, expert=ep,
                   expert_tensor=etp, data=dp, expert_data=world_size // expert_split,
                   virtual_pipeline=parallel.virtual_pipeline,
+                  first_stage_layers=parallel.first_stage_layers,
+                  last_stage_layers=parallel.last_stage_layers,
                   sequence_parallel=sequence_parallel,
                   num_microbatches=train.global_batch_size // per_step)
+
+
+def pipeline_stage_layers(num_layers: int, pipeline: int, virtual_pipeline: int | None = None,
+                          first: int | None = None, last: int | None = None) -> list[int]:
+    """Transformer layers of each pipeline stage, as megatron-core splits them: evenly, or
+    with the first and/or last stage set apart and the middle stages sharing the rest evenly
+    (DeepSeek-V3's 61 layers split no other way over PP > 1). With virtual pipelining each
+    stage's share must divide into its model chunks.
+
+    Raises:
+        ValueError: naming the config keys and values of the first rule that fails.
+    """
+    vp = virtual_pipeline or 1
+    vp_text = f" x parallel.virtual_pipeline={virtual_pipeline}" if virtual_pipeline else ""
+    if first is None and last is None:
+        if num_layers % (pipeline * vp):
+            raise ValueError(f"model.num_layers={num_layers} is not divisible by "
+                             f"parallel.pipeline={pipeline}{vp_text} (for an uneven split set "
+                             "parallel.first_stage_layers and/or parallel.last_stage_layers)")
+        return [num_layers // pipeline] * pipeline
+    ends = {"first_stage_layers": first, "last_stage_layers": last}
+    given = {k: v for k, v in ends.items() if v is not None}
+    if pipeline < 2:
+        key, value = next(iter(given.items()))
+        raise ValueError(f"parallel.{key}={value} needs parallel.pipeline > 1")
+    for key, value in given.items():
+        if value % vp:
+            raise ValueError(f"parallel.{key}={value} is not divisible by "
+                             f"parallel.virtual_pipeline={virtual_pipeline}")
+    middle_stages = pipeline - len(given)
+    middle_layers = num_layers - sum(given.values())
+    spec = ", ".join(f"parallel.{k}={v}" for k, v in given.items())
+    if middle_layers < 0 or bool(middle_layers) != bool(middle_stages):
+        raise ValueError(f"{spec} leaves {middle_layers} of model.num_layers={num_layers} for "
+                         f"{middle_stages} middle stages of parallel.pipeline={pipeline}")
+    if middle_stages and middle_layers % (middle_stages * vp):
+        raise ValueError(f"{spec} leaves {middle_layers} of model.num_layers={num_layers}, not "
+                         f"divisible by the {middle_stages} middle stages{vp_text}")
+    per = middle_layers // middle_stages if middle_stages else 0
+    return [first if i == 0 and first is not None else
+            last if i == pipeline - 1 and last is not None else per for i in range(pipeline)]

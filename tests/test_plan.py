@@ -12,12 +12,14 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import yaml
 
 from megatron_r1.config import load_config
 from megatron_r1.config.schema import ModelConfig
+from megatron_r1.layout import resolve_layout
 from megatron_r1.plan.activations import (
     MicroBatchShape,
     in_flight_microbatches,
@@ -198,6 +200,10 @@ GLOO_CASES = {
     "tiny": {"config": None, "meta": False, "overrides": [
         "parallel.tensor=2", "parallel.pipeline=2", "parallel.expert=2",
         "parallel.expert_tensor=1"]},
+    "tiny-uneven": {"config": None, "meta": False, "overrides": [
+        "model.num_layers=3", "model.moe_first_dense_layers=1", "parallel.tensor=2",
+        "parallel.pipeline=2", "parallel.first_stage_layers=1", "parallel.expert=2",
+        "parallel.expert_tensor=1"]},
     "qwen3": {"config": "configs/qwen3_moe_30b_a3b.yaml", "meta": True, "overrides": [
         "parallel.tensor=2", "parallel.pipeline=2", "parallel.expert=2",
         "parallel.expert_tensor=1"]},
@@ -215,7 +221,8 @@ for name, case in cases.items():
     counts = shard_counts(cfg.model, p.tensor, p.expert, p.expert_tensor or p.tensor)
     cand = Candidate(tensor=p.tensor, pipeline=p.pipeline, context=1, expert=p.expert,
                      expert_tensor=p.expert_tensor or p.tensor, recompute="none",
-                     rollout_tensor=1)
+                     rollout_tensor=1, first_stage_layers=p.first_stage_layers,
+                     last_stage_layers=p.last_stage_layers)
     stages = stage_layers(cfg.model.num_layers, cand)
     out[name] = [
         {"total": c.total, "expert": c.expert}
@@ -323,9 +330,20 @@ def test_r1_zero_config_is_the_planners_first_choice(tmp_path):
     best = plan["ranked"][0]["layout"]
     p = cfg.parallel
     assert (best["tensor"], best["pipeline"], best["context"], best["expert"],
-            best["expert_tensor"], best["recompute"], best["rollout_tensor"]) == (
+            best["expert_tensor"], best["recompute"], best["rollout_tensor"],
+            best["first_stage_layers"], best["last_stage_layers"]) == (
         p.tensor, p.pipeline, p.context, p.expert, p.expert_tensor, cfg.model.recompute,
-        cfg.rollout.tensor_parallel)
+        cfg.rollout.tensor_parallel, p.first_stage_layers, p.last_stage_layers)
+    # Every suggestion is a layout a training start accepts, uneven 61-layer pipelines included.
+    suggested = [r["layout"] for r in plan["ranked"]]
+    assert any(s["first_stage_layers"] for s in suggested)
+    for s in suggested:
+        par = replace(p, tensor=s["tensor"], pipeline=s["pipeline"], context=s["context"],
+                      expert=s["expert"], expert_tensor=s["expert_tensor"],
+                      first_stage_layers=s["first_stage_layers"],
+                      last_stage_layers=s["last_stage_layers"])
+        got = resolve_layout(par, cfg.model, cfg.train, 512, cfg.data.seq_length)
+        assert got.data == s["data"]
     configured = plan["configured"]
     assert configured["fits"] and configured["peak"] <= 80e9
     assert configured["stages"][0]["params_expert"] * 256 == 653_908_770_816  # 58 x 256 experts

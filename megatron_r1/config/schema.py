@@ -202,6 +202,13 @@ class ParallelConfig:
     """Pipeline-parallel degree (PP)."""
     virtual_pipeline: int | None = None
     """Model chunks per pipeline rank for the interleaved schedule (None: plain 1F1B)."""
+    first_stage_layers: int | None = None
+    """Transformer layers of the first pipeline stage when the layers do not split evenly
+    (megatron's num_layers_in_first_pipeline_stage; it also holds the embedding). None: the
+    same share as the middle stages."""
+    last_stage_layers: int | None = None
+    """Transformer layers of the last pipeline stage (megatron's
+    num_layers_in_last_pipeline_stage; it also holds the output layer and the loss)."""
     context: int = 1
     """Context-parallel degree (CP)."""
     expert: int = 1
@@ -226,7 +233,8 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _positive("parallel", self, "tensor", "pipeline", "virtual_pipeline", "context",
-                  "expert", "expert_tensor", "timeout_minutes")
+                  "expert", "expert_tensor", "first_stage_layers", "last_stage_layers",
+                  "timeout_minutes")
         if self.overlap_param_gather:
             _require(self.distributed_optimizer, "parallel", "overlap_param_gather", True,
                      "needs parallel.distributed_optimizer=true")
@@ -386,7 +394,8 @@ class GRPOConfig:
     at random into mini-batches of train.global_batch_size, one optimizer step each (R1: 8192
     outputs, 16 mini-batches of 512)."""
     clip_low: float = 0.2
-    """Lower clip of the importance ratio: 1 - clip_low."""
+    """Lower clip of the importance ratio: 1 - clip_low. From 1 up nothing is clipped below
+    (the ratio is positive): the R1 journal version's epsilon = 10 is clip_low = clip_high = 10."""
     clip_high: float = 0.2
     """Upper clip of the importance ratio: 1 + clip_high (DAPO clip-higher: larger)."""
     kl_coef: float = 0.001
@@ -408,7 +417,6 @@ class GRPOConfig:
         _non_negative("grpo", self, "clip_low", "clip_high", "kl_coef", "ref_update_interval")
         _require(self.group_size >= 2, "grpo", "group_size", self.group_size,
                  "must be >= 2 (advantages are relative within a group)")
-        _require(self.clip_low < 1.0, "grpo", "clip_low", self.clip_low, "must be < 1")
 
 
 @dataclass(kw_only=True, slots=True)

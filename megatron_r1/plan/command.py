@@ -67,12 +67,12 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--ref-on-gpu", action="store_true",
                    help="keep the reference model on the GPU in every phase")
     p.add_argument("--first-stage-layers", type=int, default=None, metavar="N",
-                   help="uneven pipeline: layers of the first stage (megatron's "
-                        "num_layers_in_first_pipeline_stage)")
-    p.add_argument("--last-stage-layers", type=int, default=None, metavar="N")
-    p.add_argument("--allow-uneven-stages", action="store_true",
-                   help="also suggest pipelines with uneven first/last stages (need config "
-                        "fields the schema does not have yet)")
+                   help="plan an uneven pipeline: layers of the first stage (overrides "
+                        "parallel.first_stage_layers and parallel.last_stage_layers)")
+    p.add_argument("--last-stage-layers", type=int, default=None, metavar="N",
+                   help="layers of the last stage (as --first-stage-layers)")
+    p.add_argument("--even-stages-only", action="store_true",
+                   help="suggest only pipelines whose stages hold the same number of layers")
     p.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
     p.add_argument("--no-search", action="store_true", help="only the configured layout")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
@@ -100,25 +100,17 @@ def options_from_args(cfg: Config, args: argparse.Namespace) -> PlanOptions:
 
 def configured_candidate(cfg: Config, gpus: int, first: int | None = None,
                          last: int | None = None) -> Candidate:
-    """The layout the config asks for; checked by the same rules as a training start."""
+    """The layout the config asks for (`first`/`last` override parallel.first_stage_layers /
+    parallel.last_stage_layers); checked by the same rules as a training start."""
     par = cfg.parallel
-    uneven = first is not None or last is not None
-    if not uneven:
-        resolve_layout(par, cfg.model, cfg.train, gpus, cfg.data.seq_length)
-    elif par.pipeline < 2:
-        raise ValueError("--first-stage-layers/--last-stage-layers need parallel.pipeline > 1")
-    else:
-        middle = par.pipeline - (first is not None) - (last is not None)
-        rest = cfg.model.num_layers - (first or 0) - (last or 0)
-        if rest < 0 or (middle and rest % middle) or (not middle and rest):
-            raise ValueError(f"--first-stage-layers={first} --last-stage-layers={last}: the "
-                             f"other {middle} stage(s) cannot split the remaining {rest} of "
-                             f"model.num_layers={cfg.model.num_layers} evenly")
+    if first is not None or last is not None:
+        par = replace(par, first_stage_layers=first, last_stage_layers=last)
+    resolve_layout(par, cfg.model, cfg.train, gpus, cfg.data.seq_length)
     return Candidate(
         tensor=par.tensor, pipeline=par.pipeline, context=par.context, expert=par.expert,
         expert_tensor=par.expert_tensor or par.tensor, recompute=cfg.model.recompute,
         rollout_tensor=cfg.rollout.tensor_parallel, virtual_pipeline=par.virtual_pipeline,
-        first_stage_layers=first, last_stage_layers=last)
+        first_stage_layers=par.first_stage_layers, last_stage_layers=par.last_stage_layers)
 
 
 def run_plan(cfg: Config, args: argparse.Namespace) -> int:
@@ -139,7 +131,8 @@ def run_plan(cfg: Config, args: argparse.Namespace) -> int:
     print(format_plan(plan, title))
     ranked = []
     if not args.no_search:
-        ranked = search(cfg, options, counts, RECOMPUTE, args.allow_uneven_stages)
+        ranked = search(cfg, options, counts, RECOMPUTE,
+                        allow_uneven=not args.even_stages_only)
         print()
         print(format_ranking(ranked, args.top))
     if args.json is not None:

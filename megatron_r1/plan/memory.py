@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megatron_r1.config.schema import Config, ModelConfig
-from megatron_r1.layout import padded_vocab_size
+from megatron_r1.layout import padded_vocab_size, pipeline_stage_layers
 from megatron_r1.plan.activations import (
     AttentionImpl,
     MicroBatchShape,
@@ -57,8 +57,8 @@ class Candidate:
     rollout_tensor: int
     virtual_pipeline: int | None = None
     first_stage_layers: int | None = None
-    """Layers of the first pipeline stage when the split is uneven (megatron's
-    num_layers_in_first_pipeline_stage); None: even split."""
+    """Layers of the first pipeline stage when the split is uneven
+    (parallel.first_stage_layers); None: even split."""
     last_stage_layers: int | None = None
 
     @property
@@ -163,8 +163,6 @@ class Plan:
     options: PlanOptions
     problems: list[str] = field(default_factory=list)
     """Why it does not fit (empty: it fits)."""
-    needs: list[str] = field(default_factory=list)
-    """Config fields this layout needs that the schema does not have yet."""
 
     @property
     def fits(self) -> bool:
@@ -185,24 +183,12 @@ def _dtype_bytes(dtype: str) -> int:
 
 def stage_layers(num_layers: int, c: Candidate) -> list[range]:
     """Global layer indices of each pipeline stage (megatron's split, even or first/last)."""
-    pp = c.pipeline
-    if not c.uneven:
-        per = num_layers // pp
-        return [range(i * per, (i + 1) * per) for i in range(pp)]
-    first = c.first_stage_layers
-    last = c.last_stage_layers
-    middle_total = num_layers - (first or 0) - (last or 0)
-    middle_stages = pp - (first is not None) - (last is not None)
-    per = middle_total // middle_stages if middle_stages else 0
-    sizes = [per] * pp
-    if first is not None:
-        sizes[0] = first
-    if last is not None:
-        sizes[-1] = last
+    sizes = pipeline_stage_layers(num_layers, c.pipeline, c.virtual_pipeline,
+                                  c.first_stage_layers, c.last_stage_layers)
     bounds = [0]
     for size in sizes:
         bounds.append(bounds[-1] + size)
-    return [range(bounds[i], bounds[i + 1]) for i in range(pp)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(c.pipeline)]
 
 
 def _stage_activations(model: ModelConfig, counts: ShardCounts, layers: range,
@@ -346,6 +332,3 @@ def _check(plan: Plan, cfg: Config) -> None:
     if o.gpus % c.rollout_tensor:
         plan.problems.append(f"rollout: tensor_parallel={c.rollout_tensor} does not divide "
                              f"{o.gpus} GPUs")
-    if c.uneven:
-        plan.needs.append("parallel.num_layers_in_first_pipeline_stage / "
-                          "parallel.num_layers_in_last_pipeline_stage")

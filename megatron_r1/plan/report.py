@@ -93,8 +93,6 @@ def format_plan(plan: Plan, title: str) -> str:
     else:
         lines.append("DOES NOT FIT:")
         lines += [f"  - {p}" for p in plan.problems]
-    if plan.needs:
-        lines.append("needs config fields not in the schema yet: " + ", ".join(plan.needs))
     return "\n".join(lines)
 
 
@@ -107,7 +105,7 @@ def format_ranking(ranked: list[Ranked], top: int) -> str:
              "(rollTP chosen for that), then more headroom",
              f"{'#':>3} {'TP':>3} {'PP':>3} {'CP':>3} {'EP':>4} {'ETP':>3} {'recompute':>9} "
              f"{'rollTP':>6} {'DP':>4} {'M':>4} {'cost':>5} {'KV seqs':>7} {'peak GB':>7}  "
-             "needs"]
+             "stages"]
     for i, r in enumerate(ranked[:top], 1):
         c, p = r.plan.candidate, r.plan
         pp = f"{c.pipeline}*" if c.uneven else str(c.pipeline)
@@ -115,8 +113,8 @@ def format_ranking(ranked: list[Ranked], top: int) -> str:
                      f"{c.expert_tensor:>3} {c.recompute:>9} {c.rollout_tensor:>6} {p.data:>4} "
                      f"{p.num_microbatches:>4} {r.step_cost:>5.2f} "
                      f"{rollout_capacity(p):>7} {gb(p.peak):>7}  "
-                     + ("uneven stages " + f"{c.first_stage_layers}/{c.last_stage_layers}"
-                        if c.uneven else ""))
+                     + (f"parallel.first_stage_layers={c.first_stage_layers} "
+                        f"parallel.last_stage_layers={c.last_stage_layers}" if c.uneven else ""))
     return "\n".join(lines)
 
 
@@ -144,6 +142,6 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                     "kv_per_token": plan.rollout.kv_per_token,
                     "kv_needed": plan.rollout.kv_needed, "kv_budget": plan.rollout.kv_budget,
                     "full_length_capacity": plan.rollout.full_length_capacity},
-        "fits": plan.fits, "problems": plan.problems, "needs": plan.needs,
+        "fits": plan.fits, "problems": plan.problems,
         "peak": plan.peak, "gpu_memory": plan.options.gpu_memory,
     }

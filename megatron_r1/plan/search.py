@@ -1,9 +1,9 @@
 """Enumerate the layouts megatron can run on N GPUs, plan each, and rank those that fit.
 
-Layer L0 (pure, given a counts function). Searched: TP (powers of two up to a node), CP,
-PP (even splits; with `allow_uneven` also megatron's first/last-stage splits where the layer
-count does not divide), EP, expert TP (1 or TP), the recompute setting, and for each of
-these the inference TP (up to 8 nodes per engine) whose engines hold the most full-length
+Layer L0 (pure, given a counts function). Searched: TP (powers of two up to a node),
+PP (even splits, and megatron's first/last-stage splits where the layer count does not
+divide unless `allow_uneven` is off), EP, expert TP (1 or TP), the recompute setting, and for
+each of these the inference TP (up to 8 nodes per engine) whose engines hold the most full-length
 sequences in their KV caches together (the smaller TP on a tie).
 
 Ranking rule (best first), among layouts that fit:
@@ -30,6 +30,9 @@ from megatron_r1.plan.activations import Recompute
 from megatron_r1.plan.memory import Candidate, CountsFn, Plan, PlanOptions, plan_layout
 
 RECOMPUTE: tuple[Recompute, ...] = ("none", "selective", "full")
+# Context parallelism is planned by the memory model but not offered: the trainer does not
+# split sequences over CP ranks yet (megatron_r1.layout refuses parallel.context > 1).
+CONTEXT_PARALLEL = (1,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,13 +78,13 @@ def _tensor_ok(model: ModelConfig, tp: int) -> bool:
 
 def candidates(cfg: Config, gpus: int, gpus_per_node: int,
                recompute: tuple[Recompute, ...] = RECOMPUTE,
-               allow_uneven: bool = False) -> Iterator[Candidate]:
+               allow_uneven: bool = True) -> Iterator[Candidate]:
     """Every trainer layout the divisibility rules allow (rollout TP still to be chosen)."""
     model, seq = cfg.model, cfg.data.seq_length
     for tp in _powers_of_two(gpus_per_node):
         if gpus % tp or not _tensor_ok(model, tp) or (tp > 1 and seq % tp):
             continue
-        for cp in (1, 2, 4):
+        for cp in CONTEXT_PARALLEL:
             if gpus % (tp * cp) or (cp > 1 and seq % (2 * cp)):
                 continue
             for pp in _divisors(gpus // (tp * cp)):
@@ -154,7 +157,7 @@ def rollout_capacity(plan: Plan) -> int:
 
 def search(cfg: Config, options: PlanOptions, counts_fn: CountsFn,
            recompute: tuple[Recompute, ...] = RECOMPUTE,
-           allow_uneven: bool = False) -> list[Ranked]:
+           allow_uneven: bool = True) -> list[Ranked]:
     """Plans that fit, best first (see the module docstring for the rule)."""
     attention_flops, linear_flops = _flops_per_token(cfg, counts_fn)
     rollout_tps = []

@@ -87,3 +87,31 @@ def test_optimizer_state_is_not_loaded_across_model_parallel_layouts(tmp_path, i
     assert "saved with another model-parallel layout (tensor: 2 -> 1, pipeline: 1 -> 2" \
         in proc.stderr
     assert "checkpoint.load_optimizer=false" in proc.stderr
+
+
+# DeepSeek-V3's 61 layers split over PP > 1 only unevenly; this 3-layer model (a dense first
+# layer, then MoE, as in DeepSeek-V3) needs the same first/last-stage settings.
+UNEVEN_MODEL = ["model.num_layers=3", "model.moe_first_dense_layers=1"]
+
+
+@pytest.fixture(scope="module")
+def uneven_initial(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("init3")
+    run_script(REPO / "tests/e2e/save_initial_checkpoint.py",
+               [f"logging.run_dir={run}", *UNEVEN_MODEL])
+    return run / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def uneven_reference(tmp_path_factory, uneven_initial) -> list[dict]:
+    return train(tmp_path_factory.mktemp("ref3"), uneven_initial, 1, *UNEVEN_MODEL)
+
+
+@pytest.mark.parametrize(("nproc", "layout"), [
+    (2, ["parallel.pipeline=2", "parallel.first_stage_layers=1"]),
+    (4, ["parallel.pipeline=2", "parallel.last_stage_layers=1", "parallel.expert=2"]),
+], ids=["pp2-first1", "pp2-last1-ep2"])
+def test_uneven_pipeline_stages_match_single_process(tmp_path, uneven_initial, uneven_reference,
+                                                     nproc, layout):
+    got = train(tmp_path / "run", uneven_initial, nproc, *UNEVEN_MODEL, *layout)
+    assert_same_run(got, uneven_reference)

@@ -37,3 +37,21 @@ def test_gather_equals_the_unsharded_model(reference, nproc, layout):
     assert got["buckets"] > 1  # the 64 KiB bucket bound was honoured
     # the unsharded parameter names are the model's own (experts by global index)
     assert "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight" in got["tensors"]
+
+
+def test_gather_with_uneven_pipeline_stages(tmp_path):
+    """Three layers on two stages (1 + 2): global layer numbers come out right."""
+    model = ["model.num_layers=3", "model.moe_first_dense_layers=1"]
+    run_script(REPO / "tests/e2e/save_initial_checkpoint.py",
+               [f"logging.run_dir={tmp_path}/init", *model])
+    common = [f"checkpoint.load_dir={tmp_path}/init/checkpoints",
+              "checkpoint.load_optimizer=false", *model]
+    run_script(WORKER, [str(tmp_path / "ref.pt"), f"logging.run_dir={tmp_path}/ref", *common])
+    run_script(WORKER, [str(tmp_path / "pp.pt"), f"logging.run_dir={tmp_path}/pp", *common,
+                        "parallel.pipeline=2", "parallel.first_stage_layers=1"], nproc=2)
+    ref, got = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "pp.pt")
+    assert sorted(got["tensors"]) == sorted(ref["tensors"])
+    for name, tensor in ref["tensors"].items():
+        assert torch.equal(got["tensors"][name], tensor), name
+    assert "decoder.layers.2.mlp.experts.local_experts.3.linear_fc1.weight" in got["tensors"]
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in got["tensors"]  # the dense layer
