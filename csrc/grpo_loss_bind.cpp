@@ -155,8 +155,9 @@ void grpo_fwd(const Tensor& logits, const Tensor& target, const OptTensor& old_l
   check_temperature(op, temperature);
   TORCH_CHECK_VALUE(kl_estimator >= 0 && kl_estimator <= 2, op,
                     ": kl_estimator must be 0 (k1), 1 (k2) or 2 (k3), got ", kl_estimator);
-  TORCH_CHECK_VALUE(clip_low >= 0 && clip_low < 1 && clip_high >= 0, op,
-                    ": need 0 <= clip_low < 1 and clip_high >= 0, got clip_low=", clip_low,
+  // clip_low >= 1 is valid: 1 - clip_low <= 0 never clips a (positive) ratio.
+  TORCH_CHECK_VALUE(clip_low >= 0 && clip_high >= 0, op,
+                    ": need clip_low >= 0 and clip_high >= 0, got clip_low=", clip_low,
                     " clip_high=", clip_high);
   check_rows(op, "target", target, n, at::kLong, dev);
   check_rows(op, "advantages", advantages, n, at::kFloat, dev);

@@ -75,8 +75,8 @@ def check_loss_args(
     """Raise ValueError naming the argument for anything a caller (or a config) can get wrong."""
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator={kl_estimator!r}: must be one of {KL_ESTIMATORS}")
-    if not 0.0 <= clip_low < 1.0:
-        raise ValueError(f"clip_low={clip_low!r}: must be in [0, 1)")
+    if not clip_low >= 0.0:  # >= 1: no lower clip (ratios are positive)
+        raise ValueError(f"clip_low={clip_low!r}: must be >= 0")
     if not clip_high >= 0.0:
         raise ValueError(f"clip_high={clip_high!r}: must be >= 0")
     if not kl_coef >= 0.0:
@@ -169,7 +169,8 @@ def grpo_token_loss_reference(
         ref_logp: [...] log-probs of the reference policy, or None (requires kl_coef = 0).
         advantages: [...] per-token advantages (broadcast per-sequence ones before the call).
         mask: [...] bool or float weights; 0 marks tokens that do not count.
-        clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high].
+        clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high] (no lower
+            clip from clip_low >= 1 on).
         kl_coef: beta, the KL weight.
         kl_estimator: "k1", "k2" or "k3".
         temperature: logits are divided by it.

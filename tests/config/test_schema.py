@@ -22,7 +22,7 @@ from megatron_r1.config import load_config
     (["optim.adam_beta2=1.0"], r"optim.adam_beta2=1.0: must be in \[0, 1\)"),
     (["train.global_batch_size=10"], r"train.global_batch_size=10: must be a multiple of train.micro_batch_size=4"),
     (["grpo.group_size=1"], r"grpo.group_size=1: must be >= 2"),
-    (["grpo.clip_low=1.5"], r"grpo.clip_low=1.5: must be < 1"),
+    (["grpo.clip_low=-0.5"], r"grpo.clip_low=-0.5: must be >= 0"),
     (["train.global_batch_size=48"], r"train.global_batch_size=48 must divide the GRPO rollout grpo.prompts_per_rollout x grpo.group_size = 128"),
     (["rollout.top_p=0"], r"rollout.top_p=0.0: must be in \(0, 1\]"),
     (["data.source=jsonl"], r"data.path=None: is required for source=jsonl"),

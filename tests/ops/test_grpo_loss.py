@@ -55,6 +55,19 @@ def test_matches_reference(device, dtype, kl_estimator, lead, vocab, temperature
 
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("clip_low", [1.0, 10.0])
+def test_no_lower_clip_from_clip_low_one(device, clip_low) -> None:
+    """The R1 journal's epsilon 10: ratios e^-2 .. 1 are never clipped on the low side, so
+    only A > 0 tokens above 1 + clip_high are clipped, in the kernel as in the spec."""
+    case = make_case((64,), 300, torch.float32, seed=21, clip_low=clip_low, device=device)
+    res, x = _run(case)
+    check_case(case, res, x.grad)
+    adv = case.advantages.to(res.clipped.device)
+    assert res.clipped.any() and not (res.clipped & (adv < 0)).any()
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 def test_float16_and_optional_inputs(device) -> None:
     case = make_case((33,), 517, torch.float16, seed=3, with_old=False, with_ref=False,
                      device=device)
@@ -337,8 +350,8 @@ def test_public_api_errors() -> None:
         grpo_token_loss(*args[:5], case.mask[:5])
     with pytest.raises(ValueError, match="fused='yes'"):
         grpo_token_loss(*args, fused="yes")
-    with pytest.raises(ValueError, match=r"clip_low=1\.0"):
-        grpo_token_loss(*args, clip_low=1.0)
+    with pytest.raises(ValueError, match=r"clip_low=-0\.1: must be >= 0"):
+        grpo_token_loss(*args, clip_low=-0.1)
     with pytest.raises(ValueError, match="vocab_start=5 needs a tp_group"):
         grpo_token_loss(*args, vocab_start=5)
     with pytest.raises(ValueError, match="fused='on': the kernels take"):

@@ -17,13 +17,14 @@ LOGP = math.log(5 / 8)
 BETA = 0.1
 
 
-def _run(adv: float, ratio: float, d: float, estimator: str, mask: float = 1.0):
+def _run(adv: float, ratio: float, d: float, estimator: str, mask: float = 1.0,
+         clip_low: float = 0.2):
     x = LOGITS.clone().requires_grad_()
     t = torch.tensor([2])
     old = torch.tensor([LOGP - math.log(ratio)], dtype=torch.float64)
     ref = torch.tensor([LOGP + d], dtype=torch.float64)
     res = grpo_token_loss_reference(x, t, old, ref, torch.tensor([adv], dtype=torch.float64),
-                                    torch.tensor([mask], dtype=torch.float64), clip_low=0.2,
+                                    torch.tensor([mask], dtype=torch.float64), clip_low=clip_low,
                                     clip_high=0.2, kl_coef=BETA, kl_estimator=estimator)
     res.loss.sum().backward()
     return res, x.grad[0]
@@ -33,16 +34,20 @@ KL = {"k1": (-0.5, 1.0), "k2": (0.125, -0.5), "k3": (math.exp(0.5) - 1.5, 1 - ma
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
-@pytest.mark.parametrize(("adv", "ratio", "surr", "clipped"), [
-    (1.0, 2.0, 1.2, True),     # A > 0, ratio above 1 + clip_high: clipped branch is the min
-    (1.0, 0.5, 0.5, False),    # A > 0, ratio below the range: unclipped (smaller) branch
-    (-1.0, 0.5, -0.8, True),   # A < 0, ratio below 1 - clip_low: clipped
-    (-1.0, 2.0, -2.0, False),  # A < 0, ratio above: unclipped, no pessimistic bound
-    (1.0, 1.1, 1.1, False),    # inside the range
+@pytest.mark.parametrize(("adv", "ratio", "surr", "clipped", "clip_low"), [
+    (1.0, 2.0, 1.2, True, 0.2),     # A > 0, ratio above 1 + clip_high: clipped branch is the min
+    (1.0, 0.5, 0.5, False, 0.2),    # A > 0, ratio below the range: unclipped (smaller) branch
+    (-1.0, 0.5, -0.8, True, 0.2),   # A < 0, ratio below 1 - clip_low: clipped
+    (-1.0, 2.0, -2.0, False, 0.2),  # A < 0, ratio above: unclipped, no pessimistic bound
+    (1.0, 1.1, 1.1, False, 0.2),    # inside the range
+    # clip_low >= 1 (the R1 journal's epsilon 10): 1 - clip_low <= 0 < ratio, never clipped
+    (-1.0, 0.5, -0.5, False, 10.0),
+    (-1.0, 0.01, -0.01, False, 1.0),
+    (1.0, 2.0, 1.2, True, 10.0),    # the upper clip still applies
 ])
-def test_hand_computed_token(estimator, adv, ratio, surr, clipped) -> None:
+def test_hand_computed_token(estimator, adv, ratio, surr, clipped, clip_low) -> None:
     kl, dkl = KL[estimator]  # d = ref - logp = 0.5
-    res, grad = _run(adv, ratio, 0.5, estimator)
+    res, grad = _run(adv, ratio, 0.5, estimator, clip_low=clip_low)
     torch.testing.assert_close(res.logp, torch.tensor([LOGP], dtype=torch.float64))
     torch.testing.assert_close(res.kl, torch.tensor([kl], dtype=torch.float64))
     torch.testing.assert_close(res.loss, torch.tensor([-(surr - BETA * kl)], dtype=torch.float64))
