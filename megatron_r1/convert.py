@@ -12,6 +12,13 @@ A converted checkpoint is a megatron-r1 checkpoint root (`latest` + `step_000000
 `model.yaml` (the model section), so `megatron-r1 sft --config <out>/model.yaml --set
 checkpoint.load_dir=<out> --set checkpoint.load_optimizer=false` starts from it, at any
 TP/PP/EP layout. `hf_assets/` keeps the tokenizer and generation files for the way back.
+
+The way back needs the model config, the Hugging Face config (or at least the family) and the
+assets. A converted checkpoint has all three, and a training run carries them forward into
+its own checkpoints (megatron_r1.session), so `mcore-to-hf --ckpt <run>/checkpoints --out DIR`
+exports a trained policy as it is. --config, --hf-config and --family override what the
+checkpoint records, and are needed only for checkpoints that record nothing (written by
+training before it recorded its model and source).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from megatron_r1.checkpoint.assets import ASSETS_DIR
 from megatron_r1.checkpoint.hf import FAMILIES, family_for
 from megatron_r1.checkpoint.hf import hf_config as H
 from megatron_r1.checkpoint.hf.budget import (
@@ -76,7 +84,6 @@ log = logging.getLogger(__name__)
 STEP_DIR = "step_0000000"
 LATEST_FILE = "latest"
 METADATA_FILE = "megatron_r1.json"
-ASSETS_DIR = "hf_assets"
 MODEL_YAML = "model.yaml"
 DEFAULT_BUDGET = 8 * 1024**3
 DEFAULT_SHARD = 5 * 1000**3
@@ -332,13 +339,18 @@ def mcore_to_hf(ckpt: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
                 max_shard_bytes: int = DEFAULT_SHARD) -> ConversionReport:
     """Export a megatron-r1 checkpoint (converted or trained, any layout) to Hugging Face.
 
+    The model config, the source Hugging Face config (or family) and the tokenizer and
+    generation files come from the checkpoint (megatron_r1.json, `<root>/hf_assets/`); the
+    arguments below override them, and are needed only where the checkpoint lacks them.
+
     Args:
         ckpt: a checkpoint root (with `latest`) or a step directory.
-        model: the model config, needed when the checkpoint's megatron_r1.json lacks it
-            (checkpoints written by training: pass the run's config.yaml).
-        hf_config_dir: a Hugging Face directory whose config.json (and tokenizer files) to use
-            when the checkpoint does not carry its source config.
-        family_name: the family, when neither the checkpoint nor hf_config_dir names it.
+        model: the model config (default: the one megatron_r1.json records; older training
+            checkpoints record none: pass the run's config.yaml).
+        hf_config_dir: a Hugging Face directory whose config.json and tokenizer files to use
+            instead of the recorded source config and the root's hf_assets.
+        family_name: the family, when neither hf_config_dir nor the checkpoint's source
+            config names it.
         dtype: dtype of the exported tensors (default: as the source checkpoint stored them,
             else the megatron dtype).
         fp8: write the family's linear weights as FP8 128x128 blocks with `weight_scale_inv`.
@@ -356,8 +368,9 @@ def mcore_to_hf(ckpt: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     if model is None:
         if "model" not in meta:
             raise ValueError(f"{step / METADATA_FILE} does not record the model config (a "
-                             "checkpoint written by training): pass --config <run_dir>/config.yaml")
-        model = ModelConfig(**meta["model"])
+                             "checkpoint written by training before megatron-r1 recorded it): "
+                             "pass --config <run_dir>/config.yaml")
+        model = config_from_dict({"model": meta["model"]}).model  # validated, keys named
     hf_base = src.get("hf_config")
     assets = step.parent / ASSETS_DIR
     if hf_config_dir is not None:
@@ -536,9 +549,12 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                      help="checkpoint root (with `latest`) or step directory")
     m2h.add_argument("--out", required=True, metavar="DIR", help="Hugging Face directory to create")
     m2h.add_argument("--config", metavar="YAML",
-                     help="the run's config.yaml (for checkpoints written by training)")
+                     help="a run's config.yaml, whose model section overrides the one the "
+                          "checkpoint records (needed only for training checkpoints that "
+                          "record none)")
     m2h.add_argument("--hf-config", metavar="DIR",
-                     help="Hugging Face directory to take config.json and tokenizer files from")
+                     help="Hugging Face directory to take config.json and tokenizer files "
+                          "from (default: those the checkpoint carries)")
     m2h.add_argument("--family", choices=sorted(FAMILIES),
                      help="model family, when neither the checkpoint nor --hf-config tells")
     m2h.add_argument("--dtype", choices=sorted(_DTYPE_ARG),

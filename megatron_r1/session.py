@@ -5,10 +5,16 @@ world size (before any process group exists), start the process groups, write th
 config, build and wrap the model, build the optimizer, and restore state: the run's own
 latest checkpoint if it has one (a requeued job resumes), else `checkpoint.load_dir` if set.
 SFT and GRPO share it, so both resume, log and save the same way.
+
+Every checkpoint records the model config and the model's source (the Hugging Face model it
+was converted from, inherited from the checkpoint the run started from; else the family its
+config maps to), and its root keeps the tokenizer and generation files (`hf_assets/`), so
+`megatron-r1 convert mcore-to-hf --ckpt <run>/checkpoints --out DIR` needs nothing else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,9 +24,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_r1.checkpoint.dist_ckpt import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_r1.checkpoint.assets import ASSETS_DIR, write_assets
+from megatron_r1.checkpoint.dist_ckpt import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
 from megatron_r1.config import Config, write_resolved_config
+from megatron_r1.config.schema import ModelConfig
 from megatron_r1.data.tokenizer import resolve_tokenizer
+from megatron_r1.hf_export import family_of
 from megatron_r1.layout import resolve_layout
 from megatron_r1.metrics import MetricsWriter
 from megatron_r1.model.build import build_model
@@ -57,17 +71,30 @@ class Session:
     """Further models of the stage saved with each checkpoint (GRPO's reference model)."""
     resumed: bool = False
     """Whether the state (and the extra models) came from the run's own checkpoint."""
+    source: dict[str, Any] | None = None
+    """Where the model came from, recorded with every checkpoint (`_model_source`)."""
+    assets_from: Path | None = None
+    """`hf_assets/` of the checkpoint the run started from, if any (copied at the first save)."""
+    tokenizer: Any = None
+    """The run's tokenizer once `run_tokenizer` resolved it; saved as the checkpoint root's
+    `hf_assets/` when the starting checkpoint brought none."""
 
     @property
     def is_logging_rank(self) -> bool:
         return self.ctx.rank == 0
 
     def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
-        """Checkpoint `step` (collective)."""
+        """Checkpoint `step` (collective), with what an export to Hugging Face needs: the
+        model config and source in megatron_r1.json, `hf_assets/` in the root (rank 0 gives
+        the root its assets before the first checkpoint that needs them appears)."""
+        if self.ctx.rank == 0:
+            write_assets(self.checkpoint_dir, copy_from=self.assets_from,
+                         tokenizer=self.tokenizer)
+        describe = {"model": dataclasses.asdict(self.cfg.model), "source": self.source}
         return save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer,
                                self.scheduler, trainer_state, self.ctx,
                                keep_last=self.cfg.checkpoint.keep_last,
-                               extra_models=self.extra_models)
+                               extra_models=self.extra_models, describe=describe)
 
 
 def _initial_checkpoint(cfg: Config, own: Path) -> tuple[Path | None, bool]:
@@ -83,6 +110,23 @@ def _initial_checkpoint(cfg: Config, own: Path) -> tuple[Path | None, bool]:
         raise FileNotFoundError(f"checkpoint.load_dir={cfg.checkpoint.load_dir!r}: no checkpoint "
                                 "there (neither a step directory nor a `latest` marker)")
     return found, False
+
+
+def _model_source(model: ModelConfig, start: Path | None) -> dict[str, Any] | None:
+    """The `source` a run records: that of the checkpoint it starts from (a converted Hugging
+    Face model's config.json, dtypes and family, carried through any number of runs), else
+    `{"format": "megatron-r1", "family": ...}` (a model megatron-r1 initialised, whose config
+    maps to that Hugging Face family), else None (`convert mcore-to-hf` then needs --family or
+    --hf-config)."""
+    if start is not None:
+        inherited: dict[str, Any] | None = read_metadata(start).get("source")
+        if inherited:
+            return inherited
+    try:
+        family = family_of(model)
+    except ValueError:
+        return None
+    return {"format": "megatron-r1", "family": family.name}
 
 
 ExtraModels = Callable[[ParallelContext], dict[str, list[torch.nn.Module]]]
@@ -127,12 +171,14 @@ def start_session(cfg: Config, launch: LaunchEnv | None = None,
     return Session(cfg=cfg, ctx=ctx, model=model, optimizer=optimizer, scheduler=scheduler,
                    run_dir=run_dir, checkpoint_dir=checkpoint_dir, metrics=metrics,
                    start_step=start_step, trainer_state=trainer_state, extra_models=extras,
-                   resumed=path is not None and own)
+                   resumed=path is not None and own, source=_model_source(cfg.model, path),
+                   assets_from=path.parent / ASSETS_DIR if path is not None else None)
 
 
 def run_tokenizer(session: Session) -> Any:
     """The run's tokenizer: data.tokenizer, or the built-in one built by rank 0 into the run
-    directory while the other ranks wait, then loaded by them. Collective."""
+    directory while the other ranks wait, then loaded by them. Collective. Kept as
+    `session.tokenizer` (the checkpoints' `hf_assets/` when the run brings none)."""
     cfg = session.cfg
 
     def resolve() -> Any:
@@ -141,7 +187,8 @@ def run_tokenizer(session: Session) -> Any:
 
     tokenizer = resolve() if session.ctx.rank == 0 else None
     dist.barrier()
-    return tokenizer if tokenizer is not None else resolve()
+    session.tokenizer = tokenizer if tokenizer is not None else resolve()
+    return session.tokenizer
 
 
 def end_session(session: Session) -> None:

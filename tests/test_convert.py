@@ -178,3 +178,28 @@ print(json.dumps(codes))
         assert not (tmp_path / failed).exists()
     assert not list(tmp_path.glob(".*.partial-*"))
     assert "Traceback" not in proc.stderr
+
+
+def test_export_of_a_checkpoint_that_records_no_model_names_the_flags_it_needs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Training checkpoints of older versions record only step and layout (newer ones export
+    with --ckpt/--out alone: tests/e2e/test_export_trained.py)."""
+    root, out = tmp_path / "old", tmp_path / "out"
+    (root / "step_0000004").mkdir(parents=True)
+    (root / "step_0000004" / "megatron_r1.json").write_text(json.dumps(
+        {"step": 4, "layout": {"world_size": 1}, "format": "megatron-core torch_dist"}))
+    (root / "latest").write_text("step_0000004")
+    (tmp_path / "config.yaml").write_text("model:\n  num_layers: 2\n")
+    errors = []
+    for extra in ([], ["--config", str(tmp_path / "config.yaml")]):
+        code = run_convert(_parse(["convert", "mcore-to-hf", "--ckpt", str(root), "--out",
+                                   str(out), *extra]))
+        assert code == 2
+        errors.append(capsys.readouterr().err)
+    assert errors == [
+        f"megatron-r1 convert mcore-to-hf: error: {root}/step_0000004/megatron_r1.json does not "
+        "record the model config (a checkpoint written by training before megatron-r1 recorded "
+        "it): pass --config <run_dir>/config.yaml\n",
+        "megatron-r1 convert mcore-to-hf: error: cannot tell the model family: pass --hf-config "
+        "<HF dir> or --family\n"]
+    assert not out.exists()

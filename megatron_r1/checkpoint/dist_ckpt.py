@@ -4,7 +4,8 @@ Layer L2. A checkpoint is a directory `<root>/step_0000030/` holding the model's
 state dict (reshardable: a checkpoint saved at one TP/PP/EP layout loads at another), the
 optimizer state (distributed optimizer in its `dp_reshardable` format), the LR scheduler, every
 rank's RNG states, the trainer's own state (step, data position) and `megatron_r1.json`
-(step and layout, readable without torch). Saves are atomic: everything is written into a
+(step and layout, plus what the caller describes, e.g. the model config and its Hugging Face
+source; readable without torch). Saves are atomic: everything is written into a
 hidden temporary directory that is renamed into place only after every rank finished, and
 `latest` is then replaced atomically; a crash mid-save leaves the previous checkpoint intact.
 
@@ -39,7 +40,7 @@ METADATA_FILE = "megatron_r1.json"
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 # Layout degrees the optimizer state is tied to (data parallelism may change).
 _OPTIMIZER_LAYOUT_KEYS = ("tensor", "pipeline", "context", "expert", "expert_tensor",
-                          "virtual_pipeline")
+                          "virtual_pipeline", "first_stage_layers", "last_stage_layers")
 
 
 def step_dir(root: str | os.PathLike[str], step: int) -> Path:
@@ -163,7 +164,8 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, model: list[torch.n
                     optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
                     trainer_state: dict[str, Any], ctx: ParallelContext, *,
                     keep_last: int = 0,
-                    extra_models: dict[str, list[torch.nn.Module]] | None = None) -> Path:
+                    extra_models: dict[str, list[torch.nn.Module]] | None = None,
+                    describe: dict[str, Any] | None = None) -> Path:
     """Save a complete checkpoint of `step` atomically (collective: every rank calls it).
 
     Args:
@@ -171,6 +173,8 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, model: list[torch.n
             saved once (rank 0) and must be identical on every rank.
         keep_last: delete older checkpoints beyond this many (0 keeps all).
         extra_models: further models saved with the policy, by name (e.g. "ref_model").
+        describe: JSON-serialisable entries added to megatron_r1.json (rank 0's), e.g. the
+            model config and its source, which `convert mcore-to-hf` reads.
     """
     root = Path(root)
     final = step_dir(root, step)
@@ -188,6 +192,8 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, model: list[torch.n
     if ctx.rank == 0:
         metadata = {"step": step, "layout": dataclasses.asdict(ctx.layout), "saved_at": time.time(),
                     "format": "megatron-core torch_dist"}
+        assert not metadata.keys() & (describe or {}).keys(), sorted(describe or {})
+        metadata.update(describe or {})
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
         if final.exists():
             shutil.rmtree(final)

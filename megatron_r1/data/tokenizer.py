@@ -95,16 +95,21 @@ def _wrap(backend: Tokenizer) -> PreTrainedTokenizerFast:
         pad_token=PAD_TOKEN, clean_up_tokenization_spaces=False, padding_side="right")
 
 
-def _save(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
-    """save_pretrained plus the files older transformers and vLLM look for."""
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> None:
+    """save_pretrained plus the files older transformers and vLLM look for (any tokenizer:
+    the built-in one, or one saved with a checkpoint for its Hugging Face export)."""
+    directory = Path(directory)
     tokenizer.save_pretrained(directory)
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    # transformers 5 writes its own class name ("TokenizersBackend"); 4.x only knows this one.
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
-    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    # transformers 5 names a plain `tokenizers`-backed tokenizer "TokenizersBackend"; 4.x only
+    # knows this name for it.
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    special = directory / "special_tokens_map.json"
+    if not special.exists():  # transformers 5 no longer writes it
+        special.write_text(json.dumps(tokenizer.special_tokens_map, indent=2, default=str) + "\n")
 
 
 def build_arithmetic_tokenizer(out_dir: str | Path, vocab_size: int,
@@ -137,7 +142,7 @@ def build_arithmetic_tokenizer(out_dir: str | Path, vocab_size: int,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        _save(tokenizer, tmp_dir)
+        save_tokenizer(tokenizer, tmp_dir)
         if not out_dir.exists():
             try:
                 tmp_dir.rename(out_dir)

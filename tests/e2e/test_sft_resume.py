@@ -35,7 +35,8 @@ def test_resume_continues_the_same_run_bitwise(tmp_path):
 
     ckpts = tmp_path / "split" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_0000006"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000006"]  # keep_last=1
+    # keep_last=1; hf_assets/ (the tokenizer, for the export to Hugging Face) is kept.
+    assert sorted(p.name for p in ckpts.iterdir()) == ["hf_assets", "latest", "step_0000006"]
 
 
 def test_training_lowers_the_held_out_loss(tmp_path):

@@ -14,8 +14,9 @@ runs inside pytest's own process).
         logits gathered over the tensor-parallel group into ROOT/logits_par.pt. Each process
         then saves its shard of the model as training does (ROOT/ep_<case>, weights only,
         no model config recorded), and the parent exports that to ROOT/back_ep_<case> the
-        way a user exports a trained checkpoint (--config and --hf-config), and once more
-        with no Hugging Face config at all (--family) to ROOT/back_derived_<case>.
+        way a user exports a training checkpoint that records no model config (written before
+        megatron-r1 recorded it: --config and --hf-config), and once more with no Hugging
+        Face config at all (--family) to ROOT/back_derived_<case>.
 """
 
 from __future__ import annotations
