@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Held-out pass@1 from k samples and cons@k "
                                           "(eval.* settings) of checkpoint.load_dir.")
     _add_config_args(evaluate)
+    sample = sub.add_parser("sample", help="rejection sampling into an SFT data set",
+                            description="Sample the policy of checkpoint.load_dir on the "
+                                        "training prompts (sample.* settings) and write the "
+                                        "correct, readable outputs as JSONL for `sft`.")
+    _add_config_args(sample)
     from megatron_r1.convert import add_convert_parser
     from megatron_r1.plan import add_plan_parser
 
@@ -107,6 +112,11 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
 
         for key, value in sorted(run_eval(cfg).items()):
             log.info("%s = %.4f", key, value)
+    elif command == "sample":
+        from megatron_r1.sample import run_sample
+
+        report = run_sample(cfg)
+        log.info("wrote %d outputs to %s", int(report["sample/kept"]), report["output"])
     return 0
 
 

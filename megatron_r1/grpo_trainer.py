@@ -299,7 +299,10 @@ def _probe_sequences(prompts: list[PromptExample], count: int, tokenizer: Any) -
     return probes
 
 
-def _open_stage(cfg: Config, *, training: bool = True) -> Stage:
+def open_stage(cfg: Config, *, training: bool = True) -> Stage:
+    """Start the session, the prompts, and on rank 0 the engine and the reward scorer (the
+    experience store too when `training`); the engine holds dummy weights until the first
+    `sync_weights`. Collective; pair with `close_stage`."""
     session = start_session(cfg, extra_models=_reference_models(cfg) if training else None)
     ctx = session.ctx
     if session.extra_models and not session.resumed:
@@ -351,14 +354,15 @@ def _evaluate(stage: Stage, step: int) -> dict[str, float]:
 
 def run_grpo(cfg: Config) -> dict[str, float]:
     """Train GRPO for train.steps optimizer steps; return held-out metrics before and after."""
-    stage = _open_stage(cfg)
+    stage = open_stage(cfg)
     try:
         return _train(stage)
     finally:
-        _close(stage)
+        close_stage(stage)
 
 
-def _close(stage: Stage) -> None:
+def close_stage(stage: Stage) -> None:
+    """Stop the scorer and the engine, flush the metrics, tear the process groups down."""
     if stage.scorer is not None:
         stage.scorer.close()
     if stage.engine is not None:
@@ -368,12 +372,12 @@ def _close(stage: Stage) -> None:
 
 def run_eval(cfg: Config) -> dict[str, float]:
     """pass@1 / cons@k of the policy in checkpoint.load_dir (or the run's own latest)."""
-    stage = _open_stage(cfg, training=False)
+    stage = open_stage(cfg, training=False)
     try:
         sync_weights(stage)
         return _evaluate(stage, stage.session.start_step)
     finally:
-        _close(stage)
+        close_stage(stage)
 
 
 def _train(stage: Stage) -> dict[str, float]:

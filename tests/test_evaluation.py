@@ -40,7 +40,7 @@ def scorer():
 
 
 def test_pass_at_1_and_cons_at_k(scorer):
-    questions = [PromptExample("q1", "4", (1, 2)), PromptExample("q2", "7", (1, 3))]
+    questions = [PromptExample("q1", "q1", "4", (1, 2)), PromptExample("q2", "q2", "7", (1, 3))]
     engine = ScriptedEngine([
         [answer(4), answer(4), answer(5), "no answer"],   # 2/4 right, majority 4: right
         [answer(6), answer(6), answer(7), answer(7.0)],   # 2/4 right, tie 6 vs 7: 6 first

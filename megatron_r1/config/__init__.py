@@ -19,6 +19,7 @@ from megatron_r1.config.schema import (
     ParallelConfig,
     RewardConfig,
     RolloutConfig,
+    SampleConfig,
     TrainConfig,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "ParallelConfig",
     "RewardConfig",
     "RolloutConfig",
+    "SampleConfig",
     "TrainConfig",
     "config_from_dict",
     "config_to_dict",

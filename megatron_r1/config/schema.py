@@ -460,6 +460,47 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class SampleConfig:
+    """Rejection sampling (R1 stage 3, `megatron-r1 sample`): sample the policy on the training
+    prompts and keep the correct, readable outputs as an SFT data set."""
+
+    samples_per_prompt: int = 4
+    """Outputs sampled per prompt."""
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int | None = None
+    """Longest output (None: rollout.max_new_tokens); a truncated output is rejected."""
+    max_prompts: int | None = None
+    """Sample the first this-many training prompts (None: all)."""
+    prompts_per_batch: int = 64
+    """Prompts handed to the engine at once (the progress bar advances per batch)."""
+    keep_per_prompt: int | None = None
+    """Keep at most this many distinct accepted outputs per prompt (None: all of them)."""
+    require_format: bool = True
+    """Reject outputs whose format reward is below 1 (the R1-Zero <think>/<answer> template;
+    turn off for data whose template is `none`)."""
+    min_language_share: float = 0.95
+    """Reject a chain of thought whose share of target-language words (the language reward) is
+    below this: R1's mixed-language filter (0 disables)."""
+    max_paragraph_chars: int = 3000
+    """Reject a chain of thought with a paragraph (text between blank lines) longer than this:
+    R1's long-paragraph filter (0 disables)."""
+    reject_code_blocks: bool = True
+    """Reject a chain of thought that contains a fenced code block (R1's filter)."""
+    output: str | None = None
+    """The JSONL data set to write (None: <run_dir>/rejection_sampled.jsonl); lines are
+    {"prompt": question, "completion": output, "answer": reference}, what `sft` reads."""
+
+    def __post_init__(self) -> None:
+        _positive("sample", self, "samples_per_prompt", "max_new_tokens", "max_prompts",
+                  "prompts_per_batch", "keep_per_prompt")
+        _non_negative("sample", self, "temperature", "max_paragraph_chars")
+        _require(0 < self.top_p <= 1, "sample", "top_p", self.top_p, "must be in (0, 1]")
+        _require(0 <= self.min_language_share <= 1, "sample", "min_language_share",
+                 self.min_language_share, "must be in [0, 1]")
+
+
+@dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
     """megatron dist_checkpointing save and resume."""
 
@@ -512,6 +553,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -1,12 +1,15 @@
-"""Reading JSON-lines data files whose errors name the file and the line.
+"""Reading JSON-lines data files whose errors name the file and the line, and writing them.
 
-Layer L1 (pure Python). SFT examples and GRPO prompts are both JSONL; one reader checks them.
+Layer L1 (pure Python). SFT examples and GRPO prompts are both JSONL; one reader checks them,
+and one writer makes them (rejection sampling writes an SFT data set).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
@@ -56,3 +59,22 @@ def read_jsonl_records(path: str | Path, keys: Sequence[str]) -> list[dict[str, 
     if not records:
         raise ValueError(f"{path}: holds no examples")
     return records
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict[str, str]]) -> int:
+    """Write one JSON object per line, atomically (a temporary file beside `path`, renamed
+    into place when complete), so a crash never leaves half a data set. Returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return count

@@ -20,6 +20,8 @@ from megatron_r1.data.template import render_prompt
 
 @dataclass(frozen=True, slots=True)
 class PromptExample:
+    question: str
+    """The question as the data source holds it (no template)."""
     prompt: str
     """The full prompt text (template applied)."""
     answer: str
@@ -49,6 +51,6 @@ def prompt_splits(data: DataConfig, tokenizer: PreTrainedTokenizerBase
     def encode(pairs: list[tuple[str, str]]) -> list[PromptExample]:
         texts = [render_prompt(q, data.template) for q, _ in pairs]
         ids = tokenizer(texts)["input_ids"]
-        return [PromptExample(t, a, tuple(i)) for t, (_, a), i in zip(texts, pairs, ids)]
+        return [PromptExample(q, t, a, tuple(i)) for t, (q, a), i in zip(texts, pairs, ids)]
 
     return encode(train), encode(held_out)

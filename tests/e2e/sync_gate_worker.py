@@ -9,7 +9,13 @@ import sys
 import torch
 
 from megatron_r1.config import load_config
-from megatron_r1.grpo_trainer import SyncCheckError, _close, _open_stage, check_sync, sync_weights
+from megatron_r1.grpo_trainer import (
+    SyncCheckError,
+    check_sync,
+    close_stage,
+    open_stage,
+    sync_weights,
+)
 from megatron_r1.rollout.types import SamplingConfig
 
 
@@ -25,7 +31,7 @@ def trainer_greedy(model, prompt, steps):
 
 
 if __name__ == "__main__":
-    stage = _open_stage(load_config(sys.argv[1], sys.argv[2:]), training=False)
+    stage = open_stage(load_config(sys.argv[1], sys.argv[2:]), training=False)
     try:
         report = {"first_sync": sync_weights(stage)["sync/max_logp_diff"]}
         if stage.engine is not None:
@@ -57,4 +63,4 @@ if __name__ == "__main__":
         if stage.session.ctx.rank == 0:
             print("RESULT " + json.dumps(report))
     finally:
-        _close(stage)
+        close_stage(stage)

@@ -88,3 +88,38 @@ def test_sync_check_passes_then_trips_on_a_corrupted_tensor(tmp_path, sft_checkp
     assert report["tripped"], report
     assert "the engine holds wrong weights" in report["message"]
     assert report["restored"] < 1e-3
+
+
+def test_rejection_sampling_writes_a_data_set_sft_trains_on(tmp_path, sft_checkpoint):
+    """`sample` with the real engine: every verdict counted, every kept output really correct
+    and in the template, the file is what `sft` reads (R1 stage 3 then SFT)."""
+    from megatron_r1.reward.accuracy import accuracy_reward
+    from megatron_r1.reward.format import format_reward
+    from megatron_r1.reward.types import Sample
+
+    run_module(["sample", *TINY, "--set", f"logging.run_dir={tmp_path / 'sample'}",
+                "--set", f"checkpoint.load_dir={sft_checkpoint}",
+                "--set", "checkpoint.load_optimizer=false", "--set", "sample.max_prompts=32",
+                "--set", "sample.prompts_per_batch=16", "--set", "sample.max_new_tokens=64"],
+               timeout=600)
+    data = tmp_path / "sample" / "rejection_sampled.jsonl"
+    report = json.loads((tmp_path / "sample" / "rejection_sampled.jsonl.report.json").read_text())
+    assert report["sample/outputs"] == 32 * 4  # sample.samples_per_prompt
+    verdicts = [v for k, v in report.items() if k.startswith("sample/rejected_")]
+    assert sum(verdicts) + report["sample/kept"] == report["sample/outputs"]
+    assert report["sync/max_logp_diff"] < 1e-3
+    lines = [json.loads(x) for x in data.read_text().splitlines()]
+    assert len(lines) == report["sample/kept"] > 0  # measured: 7 of 128 after 60 SFT steps
+    for line in lines:
+        sample = Sample(answer=line["answer"])
+        assert accuracy_reward(line["completion"], sample) == 1.0, line
+        assert format_reward(line["completion"], sample) == 1.0, line
+        assert not line["prompt"].startswith("A conversation")  # the question, no template
+
+    run_module(["sft", *TINY, "--set", "train.steps=2", "--set", "data.source=jsonl",
+                "--set", f"data.path={data}", "--set", "train.global_batch_size=4",
+                "--set", "train.micro_batch_size=2", "--set", f"checkpoint.load_dir={sft_checkpoint}",
+                "--set", "checkpoint.load_optimizer=false",
+                "--set", f"logging.run_dir={tmp_path / 'sft'}"])
+    losses = [r["loss"] for r in read_rows(tmp_path / "sft") if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

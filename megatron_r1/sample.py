@@ -1,0 +1,115 @@
+"""The rejection-sampling stage (`megatron-r1 sample`): the policy's correct, readable outputs
+on the training prompts, written as an SFT data set (R1_RECIPE.md section 5, stage 3).
+
+Layer L3 (above the GRPO stage, whose policy-and-engine set-up it reuses). The policy comes
+from checkpoint.load_dir (or the run's own latest checkpoint) at any parallel layout; its
+weights reach the rank-0 engine through the same sync and correctness gate as in GRPO. Rank 0
+then samples sample.samples_per_prompt outputs per prompt, batch by batch, scores them with the
+rule rewards in the reward worker pool and keeps what megatron_r1.rejection accepts. The data
+set is written atomically (nothing is left behind by a failed run), with a report of every
+verdict next to it; `megatron-r1 sft --set data.source=jsonl --set data.path=<output>` trains
+on it. The other ranks wait for rank 0 (within parallel.timeout_minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_r1.config import Config
+from megatron_r1.data.jsonl import write_jsonl
+from megatron_r1.grpo_trainer import Stage, close_stage, open_stage, sync_weights
+from megatron_r1.rejection import KEPT, VERDICTS, KeptOutput, select_outputs
+from megatron_r1.reward.types import Sample
+from megatron_r1.rollout.types import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUTPUT = "rejection_sampled.jsonl"
+
+
+def output_path(cfg: Config) -> Path:
+    return Path(cfg.sample.output or Path(cfg.logging.run_dir) / DEFAULT_OUTPUT)
+
+
+def run_sample(cfg: Config) -> dict[str, Any]:
+    """Sample, filter and write the data set; return the report (on every rank)."""
+    stage = open_stage(cfg, training=False)
+    try:
+        max_new = cfg.sample.max_new_tokens or cfg.rollout.max_new_tokens
+        longest = max(len(q.prompt_ids) for q in stage.train_prompts)
+        if longest + max_new > cfg.data.seq_length + 1:
+            raise ValueError(f"data.seq_length={cfg.data.seq_length} cannot hold the longest "
+                             f"prompt ({longest} tokens) plus {max_new} new tokens "
+                             "(sample.max_new_tokens, else rollout.max_new_tokens)")
+        sync = sync_weights(stage)
+        report: list[Any] = [None]
+        if stage.session.ctx.rank == 0:
+            report[0] = _sample_and_write(stage, max_new, sync)
+        dist.broadcast_object_list(report, src=0)
+        stage.session.metrics.log(stage.session.start_step,
+                                  {k: v for k, v in report[0].items() if isinstance(v, float)})
+        result: dict[str, Any] = report[0]
+        return result
+    finally:
+        close_stage(stage)
+
+
+def _sample_and_write(stage: Stage, max_new_tokens: int,
+                      sync: dict[str, float]) -> dict[str, Any]:
+    cfg = stage.cfg
+    s = cfg.sample
+    assert stage.engine is not None and stage.scorer is not None
+    prompts = stage.train_prompts[: s.max_prompts]
+    start = time.perf_counter()
+    kept: list[KeptOutput] = []
+    verdicts: Counter[str] = Counter()
+    prompts_with_kept = 0
+    bar = tqdm(total=len(prompts), desc="sample", unit="prompt",
+               disable=not cfg.logging.progress_bar)
+    stage.engine.wake_up()
+    for first in range(0, len(prompts), s.prompts_per_batch):
+        batch = prompts[first:first + s.prompts_per_batch]
+        groups = stage.engine.generate(
+            [q.prompt_ids for q in batch],
+            SamplingConfig(n=s.samples_per_prompt, temperature=s.temperature, top_p=s.top_p,
+                           max_new_tokens=max_new_tokens, seed=cfg.train.seed + first))
+        samples = [Sample(answer=q.answer, target_language=cfg.reward.target_language)
+                   for q in batch for _ in range(s.samples_per_prompt)]
+        rewards = stage.scorer.score([c.text for g in groups for c in g], samples)
+        batch_kept, batch_verdicts = select_outputs(batch, groups, rewards, s)
+        kept += batch_kept
+        verdicts += batch_verdicts
+        prompts_with_kept += len({k.prompt for k in batch_kept})
+        bar.update(len(batch))
+        bar.set_postfix(kept=len(kept))
+    stage.engine.sleep()
+    bar.close()
+    out = output_path(cfg)
+    write_jsonl(out, (k.record() for k in kept))
+    sampled = sum(verdicts.values())
+    report: dict[str, Any] = {
+        "output": str(out),
+        "policy": cfg.checkpoint.load_dir or str(stage.session.checkpoint_dir),
+        "sample/prompts": float(len(prompts)), "sample/outputs": float(sampled),
+        "sample/kept": float(verdicts[KEPT]),
+        "sample/kept_fraction": verdicts[KEPT] / sampled if sampled else 0.0,
+        "sample/prompts_with_kept": float(prompts_with_kept),
+        **{f"sample/rejected_{v}": float(verdicts[v]) for v in VERDICTS if v != KEPT},
+        "time/sample_s": time.perf_counter() - start,
+        **sync,
+    }
+    report_file = out.with_name(out.name + ".report.json")
+    tmp = report_file.with_name(f".{report_file.name}.partial")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(report_file)
+    log.info("kept %d of %d outputs (%d of %d prompts) -> %s", verdicts[KEPT], sampled,
+             prompts_with_kept, len(prompts), out)
+    return report
