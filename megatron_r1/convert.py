@@ -74,7 +74,12 @@ from megatron_r1.checkpoint.hf.safetensors_io import (
     ShardedSafetensorsWriter,
     TensorSpec,
 )
-from megatron_r1.config.loader import config_from_dict, load_config, parse_override
+from megatron_r1.config.loader import (
+    config_from_dict,
+    load_config,
+    parse_override,
+    read_config_file,
+)
 from megatron_r1.config.schema import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -504,8 +509,8 @@ def _explicit_model_keys(config: str | None, overrides: Sequence[str]) -> frozen
     """Model fields the user set in --config or --set (their values must agree with HF)."""
     keys: set[str] = set()
     if config is not None and Path(config).is_file():
-        data = yaml.safe_load(Path(config).read_text()) or {}
-        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data = read_config_file(config)
+        if isinstance(data.get("model"), dict):
             keys |= set(data["model"])
     for text in overrides:
         section, key, _ = parse_override(text)
@@ -518,10 +523,8 @@ def _model_section(config: str) -> ModelConfig:
     """The model section of a run's config.yaml (other sections are not needed, and may come
     from another version of the schema)."""
     path = Path(config)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+    data = read_config_file(path)
+    if not isinstance(data.get("model"), dict):
         raise ValueError(f"{path}: no `model` section")
     return config_from_dict({"model": data["model"]}).model
 

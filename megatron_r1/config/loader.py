@@ -1,5 +1,10 @@
 """Build a Config from defaults, a sparse YAML file and `--set section.key=value` overrides.
 
+A YAML file may start from other files: a top-level `base: other.yaml` (or a list of them,
+applied in order; paths relative to the file) is read first, and the file's own keys override
+it key by key within each section, so a family of runs shares one model section instead of
+repeating it.
+
 Layer L0. Values are checked against the dataclass annotations here (type errors name the
 key); range and cross-field rules live in each section's __post_init__ (schema.py). The
 resolved config is written into the run directory atomically (temp file, then rename).
@@ -126,22 +131,65 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return parts[0], parts[1], value
 
 
+BASE_KEY = "base"
+
+
+def read_config_file(path: str | os.PathLike[str],
+                     _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The sparse {section: {key: value}} mapping of a YAML config file, its `base` files
+    merged in (theirs first, then this file's keys). Not validated against the schema.
+
+    Raises:
+        FileNotFoundError / ValueError / TypeError: naming the file (and the chain of bases
+            that led to it) for a missing file, bad YAML, a non-mapping, a bad `base` entry or
+            a cycle of bases.
+    """
+    file = Path(path)
+    via = "".join(f" (base of {p})" for p in reversed(_chain))
+    if not file.is_file():
+        raise FileNotFoundError(f"config file not found: {file}{via}")
+    resolved = file.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, resolved))
+        raise ValueError(f"config files name each other as base: {cycle}")
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{file}: not valid YAML: {err}") from err
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise TypeError(f"{file}: expected a mapping of sections, got {type(loaded).__name__}")
+    bases = loaded.pop(BASE_KEY, None)
+    if bases is None:
+        return loaded
+    if isinstance(bases, str):
+        bases = [bases]
+    if not (isinstance(bases, list) and bases and all(isinstance(b, str) for b in bases)):
+        raise TypeError(f"{file}: `{BASE_KEY}` must be a file path or a list of them, got "
+                        f"{bases!r}")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        _merge(merged, read_config_file(file.parent / base, (*_chain, resolved)))
+    _merge(merged, loaded)
+    return merged
+
+
+def _merge(into: dict[str, Any], data: dict[str, Any]) -> None:
+    """Section by section, key by key: `data` wins; a section that is not a mapping is left
+    for config_from_dict to reject with its own message."""
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(into.get(section), dict):
+            into[section] = {**into[section], **values}
+        else:
+            into[section] = values
+
+
 def load_config(path: str | os.PathLike[str] | None = None,
                 overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file at `path` (if any), then each `section.key=value`."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"config file not found: {file}")
-        try:
-            loaded = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"{file}: not valid YAML: {err}") from err
-        if loaded is not None and not isinstance(loaded, dict):
-            raise TypeError(f"{file}: expected a mapping of sections, got "
-                            f"{type(loaded).__name__}")
-        data = loaded or {}
+    """Defaults, then the YAML file at `path` (if any, its bases first), then each
+    `section.key=value`."""
+    data: dict[str, Any] = read_config_file(path) if path is not None else {}
     for text in overrides:
         section, key, value = parse_override(text)
         section_values = data.setdefault(section, {})

@@ -107,3 +107,33 @@ def test_resolved_config_round_trips(tmp_path):
     data = yaml.safe_load(path.read_text())
     assert set(data) == set(config_to_dict(cfg))
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "temp file left"
+
+
+def test_base_files_are_merged_key_by_key(tmp_path):
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "model.yaml").write_text(
+        "model: {num_layers: 4, hidden_size: 96}\noptim: {lr: 0.5}\n")
+    (tmp_path / "common" / "wide.yaml").write_text("base: model.yaml\nmodel: {hidden_size: 128}\n")
+    run = tmp_path / "run.yaml"
+    run.write_text("base: [common/wide.yaml]\nmodel: {num_layers: 6}\ntrain: {steps: 7}\n")
+    cfg = load_config(run, ["optim.lr=0.25"])
+    # the file wins over its base, the base over its own base, --set over everything
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.optim.lr, cfg.train.steps) == (
+        6, 128, 0.25, 7)
+    assert load_config(run).optim.lr == 0.5
+
+
+@pytest.mark.parametrize(("files", "error", "message"), [
+    ({"a.yaml": "base: missing.yaml\n"}, FileNotFoundError,
+     r"config file not found: .*missing.yaml \(base of .*a.yaml\)"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, ValueError,
+     r"config files name each other as base: .*a.yaml -> .*b.yaml -> .*a.yaml"),
+    ({"a.yaml": "base: {model: 1}\n"}, TypeError, r"a.yaml: `base` must be a file path or a list"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "model: {num_layerz: 2}\n"}, ValueError,
+     r"unknown key model.num_layerz \(did you mean 'num_layers'\?\)"),
+])
+def test_bad_base_files_are_named(tmp_path, files, error, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(error, match=message):
+        load_config(tmp_path / "a.yaml")
