@@ -4,7 +4,8 @@ Layer L1. For each question, k outputs are sampled (temperature 0.6, top-p 0.95 
 pass@1 is the mean correctness over all k x questions outputs (the unbiased pass@1 estimate
 from k samples), cons@k is the share of questions whose majority answer is correct (the most
 frequent extracted final answer after whitespace normalisation; ties go to the answer seen
-first; outputs without an answer do not vote). Correctness is the accuracy reward, scored in
+first; outputs without an answer do not vote; a math measure: code outputs carry no answer, so
+for code prompts only pass@1 means something). Correctness is the accuracy reward, scored in
 the reward worker pool, so a verifier that hangs on one output cannot hang the evaluation.
 """
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from megatron_r1.data.prompts import PromptExample
 from megatron_r1.reward.accuracy import extract_answer
 from megatron_r1.reward.scoring import RewardScorer
-from megatron_r1.reward.types import Sample
+from megatron_r1.reward.types import CodeTest, Language, Sample
 from megatron_r1.rollout.types import RolloutEngine, SamplingConfig
 
 
@@ -34,6 +35,12 @@ class EvalResult:
                 f"{prefix}/response_tokens": self.mean_response_tokens}
 
 
+def reward_sample(question: PromptExample, target_language: Language = "en") -> Sample:
+    """What the rule rewards are told about a question (its answer, or its code tests)."""
+    return Sample(answer=question.answer, target_language=target_language,
+                  tests=tuple(CodeTest(i, o) for i, o in question.tests))
+
+
 def majority_vote(answers: Sequence[str | None]) -> int | None:
     """Index of one output carrying the majority answer; None if no output has an answer."""
     normalised = [" ".join(a.split()) if a and a.strip() else None for a in answers]
@@ -46,13 +53,13 @@ def majority_vote(answers: Sequence[str | None]) -> int | None:
 
 def evaluate(engine: RolloutEngine, questions: Sequence[PromptExample], scorer: RewardScorer, *,
              k: int, temperature: float, top_p: float, max_new_tokens: int,
-             seed: int) -> EvalResult:
+             seed: int, target_language: Language = "en") -> EvalResult:
     """Sample k outputs per question, score them, report pass@1 and cons@k."""
     groups = engine.generate([q.prompt_ids for q in questions],
                              SamplingConfig(n=k, temperature=temperature, top_p=top_p,
                                             max_new_tokens=max_new_tokens, seed=seed))
     texts = [c.text for g in groups for c in g]
-    samples = [Sample(answer=q.answer) for q in questions for _ in range(k)]
+    samples = [reward_sample(q, target_language) for q in questions for _ in range(k)]
     accuracy = scorer.score(texts, samples).components_N["accuracy"].view(len(questions), k)
     consistent = 0
     for row, group in enumerate(groups):

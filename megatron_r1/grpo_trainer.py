@@ -27,7 +27,7 @@ from tqdm import tqdm
 from megatron_r1.batching import rank_microbatches
 from megatron_r1.config import Config
 from megatron_r1.data.prompts import PromptExample, prompt_splits
-from megatron_r1.evaluation import evaluate
+from megatron_r1.evaluation import evaluate, reward_sample
 from megatron_r1.experience import ExperienceStore
 from megatron_r1.grpo import forward
 from megatron_r1.grpo.advantage import group_advantages
@@ -35,8 +35,8 @@ from megatron_r1.grpo.rollout_batch import RolloutTensors, microbatch, minibatch
 from megatron_r1.hf_export import EngineExport
 from megatron_r1.model.build import build_model
 from megatron_r1.plot import plot_grpo_curves
-from megatron_r1.reward.scoring import RewardScorer, reward_components
-from megatron_r1.reward.types import Sample
+from megatron_r1.reward.code import SandboxUnavailable, check_sandbox
+from megatron_r1.reward.scoring import RewardScorer, code_limits, reward_components
 from megatron_r1.rollout.types import Completion, RolloutEngine, SamplingConfig
 from megatron_r1.schedule import forward_backward
 from megatron_r1.session import Session, end_session, run_tokenizer, start_session
@@ -173,7 +173,7 @@ def _sample(stage: Stage, rollout_index: int) -> tuple[list[PromptExample], Any]
         stage.engine.sleep()
         generate_s = time.perf_counter() - start
         texts = [c.text for g in groups for c in g]
-        samples = [Sample(answer=q.answer, target_language=cfg.reward.target_language)
+        samples = [reward_sample(q, cfg.reward.target_language)
                    for q in prompts for _ in range(cfg.grpo.group_size)]
         rewards = stage.scorer.score(texts, samples)
         payload[0] = (groups, rewards, generate_s)
@@ -316,6 +316,8 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
                          f"{cfg.rollout.max_new_tokens}")
     export = EngineExport(cfg.model, tokenizer, bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
     engine = scorer = store = None
+    if ctx.rank == 0 and any(q.tests for q in train_prompts + eval_prompts):
+        _check_code_rewards(cfg)
     if ctx.rank == 0:
         from megatron_r1.rollout.vllm_engine import VLLMEngine
 
@@ -332,6 +334,20 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
                  probes=probes, export=export, engine=engine, scorer=scorer, store=store)
 
 
+def _check_code_rewards(cfg: Config) -> None:
+    """Before any rollout: code prompts need a working sandbox, and a reward time limit that
+    lets at least one test finish (the limit bounds all of a prompt's tests together)."""
+    one_test = 2 * cfg.reward.code_time_s + 1
+    if cfg.reward.timeout_s < one_test:
+        raise ValueError(f"reward.timeout_s={cfg.reward.timeout_s}: the prompts hold code tests, "
+                         f"and one test may take {one_test:g} s (2 x reward.code_time_s + 1); "
+                         "raise reward.timeout_s to cover all tests of a prompt")
+    try:
+        check_sandbox(code_limits(cfg.reward))
+    except SandboxUnavailable as err:
+        raise ValueError(f"data.path={cfg.data.path!r} holds code prompts, but {err}") from err
+
+
 def _evaluate(stage: Stage, step: int) -> dict[str, float]:
     """Held-out pass@1 / cons@k on rank 0; logged and returned on every rank."""
     cfg = stage.cfg
@@ -343,7 +359,8 @@ def _evaluate(stage: Stage, step: int) -> dict[str, float]:
                              k=cfg.eval.samples_per_question, temperature=cfg.eval.temperature,
                              top_p=cfg.eval.top_p,
                              max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                             seed=cfg.train.seed).metrics()
+                             seed=cfg.train.seed,
+                             target_language=cfg.reward.target_language).metrics()
         stage.engine.sleep()
     dist.broadcast_object_list(result, src=0)
     metrics = result[0] or {}

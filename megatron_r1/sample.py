@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from megatron_r1.config import Config
 from megatron_r1.data.jsonl import write_jsonl
+from megatron_r1.evaluation import reward_sample
 from megatron_r1.grpo_trainer import Stage, close_stage, open_stage, sync_weights
 from megatron_r1.rejection import KEPT, VERDICTS, KeptOutput, select_outputs
-from megatron_r1.reward.types import Sample
 from megatron_r1.rollout.types import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def _sample_and_write(stage: Stage, max_new_tokens: int,
             [q.prompt_ids for q in batch],
             SamplingConfig(n=s.samples_per_prompt, temperature=s.temperature, top_p=s.top_p,
                            max_new_tokens=max_new_tokens, seed=cfg.train.seed + first))
-        samples = [Sample(answer=q.answer, target_language=cfg.reward.target_language)
+        samples = [reward_sample(q, cfg.reward.target_language)
                    for q in batch for _ in range(s.samples_per_prompt)]
         rewards = stage.scorer.score([c.text for g in groups for c in g], samples)
         batch_kept, batch_verdicts = select_outputs(batch, groups, rewards, s)

@@ -35,3 +35,15 @@ def test_check_world_size_validates_without_starting_anything():
 def test_help_lists_the_commands():
     proc = run_module(["--help"], check=False)
     assert proc.returncode == 0 and "sft" in proc.stdout
+
+
+def test_code_prompts_need_a_reward_time_limit_for_their_tests(tmp_path):
+    """Checked on rank 0 once the prompts are read, before the engine starts."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Add two numbers", "tests": [{"input": "1 2", "output": "3"}]}\n')
+    proc = run_module(["sample", "--set", "data.source=jsonl", "--set", f"data.path={prompts}",
+                       "--set", "reward.timeout_s=2", "--set", f"logging.run_dir={tmp_path}/run",
+                       "--set", "logging.tensorboard=false"], check=False, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert ("megatron-r1 sample: error: reward.timeout_s=2.0: the prompts hold code tests, and "
+            "one test may take 5 s") in proc.stderr

@@ -432,12 +432,26 @@ class RewardConfig:
     target_language: Literal["en", "zh"] = "en"
     """Target language of the chain of thought."""
     timeout_s: float = 5.0
-    """A reward function that runs longer scores 0 (and is counted)."""
+    """A reward function that runs longer scores 0 (and is counted); for a code prompt this
+    bounds the run of all its tests together."""
+    code_time_s: float = 2.0
+    """Code prompts: CPU seconds per test (wall clock: twice this plus a second)."""
+    code_memory_mb: int = 512
+    """Code prompts: address space of the program."""
+    code_output_kb: int = 1024
+    """Code prompts: largest output of one test."""
+    code_partial_credit: bool = False
+    """Code prompts: reward the fraction of tests passed (R1: all pass, 1, else 0)."""
+    code_processes: int = 16
+    """Code prompts: processes and threads a program may start."""
+    code_python: str = "/usr/bin/python3"
+    """Code prompts: the interpreter inside the sandbox (stdlib only)."""
     num_workers: int = 2
     """Reward worker processes per scoring rank (a hung verifier is killed, not waited on)."""
 
     def __post_init__(self) -> None:
-        _positive("reward", self, "timeout_s", "num_workers")
+        _positive("reward", self, "timeout_s", "num_workers", "code_time_s", "code_memory_mb",
+                  "code_output_kb", "code_processes")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -9,19 +9,27 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 
-def read_jsonl_records(path: str | Path, keys: Sequence[str]) -> list[dict[str, str]]:
+def read_jsonl_records(path: str | Path, keys: Sequence[str],
+                       optional: dict[str, Callable[[Any], Any]] | None = None,
+                       check: Callable[[dict[str, Any]], None] | None = None
+                       ) -> list[dict[str, Any]]:
     """Read one JSON object per line (blank lines skipped), keeping the string values of `keys`.
 
     Args:
         path: The JSONL file. Other keys are ignored.
         keys: Keys every object must have, each with a string value.
+        optional: Keys an object may have, each with the function that checks and converts
+            its value (a ValueError it raises is reported with the file, line and key).
+        check: Called with each record; a ValueError it raises is reported with the file and
+            line.
 
     Returns:
-        {key: value} per object, in file order.
+        {key: value} per object, in file order (optional keys only where present).
 
     Raises:
         ValueError: naming the file and the 1-based line for bad UTF-8, bad JSON, a value that
@@ -55,7 +63,19 @@ def read_jsonl_records(path: str | Path, keys: Sequence[str]) -> list[dict[str, 
                 if not isinstance(obj[key], str):
                     raise ValueError(f"{where}: {key!r} must be a string, got "
                                      f"{type(obj[key]).__name__} {obj[key]!r}")
-            records.append({key: obj[key] for key in keys})
+            record = {key: obj[key] for key in keys}
+            for key, convert in (optional or {}).items():
+                if key in obj:
+                    try:
+                        record[key] = convert(obj[key])
+                    except ValueError as err:
+                        raise ValueError(f"{where}: {key!r}: {err}") from None
+            if check is not None:
+                try:
+                    check(record)
+                except ValueError as err:
+                    raise ValueError(f"{where}: {err}") from None
+            records.append(record)
     if not records:
         raise ValueError(f"{path}: holds no examples")
     return records

@@ -1,8 +1,9 @@
 """Questions with reference answers: what GRPO samples from and evaluation scores against.
 
 Layer L1. Two sources, as for SFT: the built-in arithmetic task (train and held-out splits of
-data.py's generator) or a JSONL file of {"prompt": ..., "answer": ...} objects (errors name
-the file and line). Prompts are rendered with the configured template and tokenized once.
+data.py's generator) or a JSONL file of {"prompt": ..., "answer": ...} (math) and
+{"prompt": ..., "tests": [{"input": ..., "output": ...}]} (code) objects (errors name the file
+and line). Prompts are rendered with the configured template and tokenized once.
 """
 
 from __future__ import annotations
@@ -25,32 +26,69 @@ class PromptExample:
     prompt: str
     """The full prompt text (template applied)."""
     answer: str
-    """The reference answer the accuracy reward compares with."""
+    """The reference answer the accuracy reward compares with ("" for a code prompt)."""
     prompt_ids: tuple[int, ...]
     """Token ids of the prompt as the engine receives them (with bos when the tokenizer
     adds one)."""
+    tests: tuple[tuple[str, str], ...] = ()
+    """A code prompt's (stdin, expected stdout) tests; the accuracy reward then runs the
+    completion's program on them."""
 
 
-def read_prompt_jsonl(path: str | Path) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs from a JSONL file of {"prompt": ..., "answer": ...} strings; the
-    errors name the file and line."""
-    return [(r["prompt"], r["answer"]) for r in read_jsonl_records(path, ("prompt", "answer"))]
+Tests = tuple[tuple[str, str], ...]
+
+
+def _code_tests(value: object) -> Tests:
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty list of {\"input\": ..., \"output\": ...}")
+    tests = []
+    for i, test in enumerate(value):
+        if not (isinstance(test, dict) and isinstance(test.get("input"), str)
+                and isinstance(test.get("output"), str)):
+            raise ValueError(f"test {i}: expected {{\"input\": str, \"output\": str}}, got "
+                             f"{test!r}")
+        tests.append((test["input"], test["output"]))
+    return tuple(tests)
+
+
+def _answer(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def read_prompt_jsonl(path: str | Path) -> list[tuple[str, str, Tests]]:
+    """(prompt, answer, tests) from a JSONL file: {"prompt": ..., "answer": ...} for a math
+    prompt, {"prompt": ..., "tests": [{"input": ..., "output": ...}, ...]} for a code prompt.
+    The errors name the file and line."""
+    def math_or_code(record: dict[str, object]) -> None:
+        if "answer" not in record and "tests" not in record:
+            raise ValueError("needs \"answer\" (a math prompt) or \"tests\" (a code prompt)")
+
+    records = read_jsonl_records(path, ("prompt",), {"answer": _answer, "tests": _code_tests},
+                                 check=math_or_code)
+    return [(r["prompt"], r.get("answer", ""), r.get("tests", ())) for r in records]
 
 
 def prompt_splits(data: DataConfig, tokenizer: PreTrainedTokenizerBase
                   ) -> tuple[list[PromptExample], list[PromptExample]]:
     """(train, held-out) prompts; a JSONL source has no held-out split."""
+    train: list[tuple[str, str, Tests]]
+    held_out: list[tuple[str, str, Tests]]
     if data.source == "arithmetic":
         splits = arithmetic_splits(data, seed=data.seed)
-        train = [(p.question, str(p.answer)) for p in splits.train]
-        held_out = [(p.question, str(p.answer)) for p in splits.eval]
+        train = [(p.question, str(p.answer), ()) for p in splits.train]
+        held_out = [(p.question, str(p.answer), ()) for p in splits.eval]
     else:
         assert data.path is not None
         train, held_out = read_prompt_jsonl(data.path), []
 
-    def encode(pairs: list[tuple[str, str]]) -> list[PromptExample]:
-        texts = [render_prompt(q, data.template) for q, _ in pairs]
+    def encode(rows: list[tuple[str, str, Tests]]) -> list[PromptExample]:
+        if not rows:  # transformers 5's tokenizer raises IndexError on an empty batch
+            return []
+        texts = [render_prompt(q, data.template) for q, _, _ in rows]
         ids = tokenizer(texts)["input_ids"]
-        return [PromptExample(q, t, a, tuple(i)) for t, (q, a), i in zip(texts, pairs, ids)]
+        return [PromptExample(q, t, a, tuple(i), tests)
+                for t, (q, a, tests), i in zip(texts, rows, ids)]
 
     return encode(train), encode(held_out)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_r1.config.schema import RewardConfig
-from megatron_r1.reward.accuracy import accuracy_reward
+from megatron_r1.reward.code import RuleAccuracy, SandboxLimits
 from megatron_r1.reward.format import format_reward
 from megatron_r1.reward.language import language_reward
 from megatron_r1.reward.pool import Outcome, RewardWorkerPool
@@ -42,6 +42,14 @@ class RewardComponent:
     """Its weight in the total."""
 
 
+def code_limits(config: RewardConfig) -> SandboxLimits:
+    """The code sandbox's limits from the reward config."""
+    return SandboxLimits(time_s=config.code_time_s, memory_mb=config.code_memory_mb,
+                         output_kb=config.code_output_kb,
+                         partial_credit=config.code_partial_credit,
+                         processes=config.code_processes, python=config.code_python)
+
+
 def reward_components(config: RewardConfig) -> tuple[RewardComponent, ...]:
     """The R1 rule rewards with the config's weights: accuracy, format, language.
 
@@ -52,7 +60,8 @@ def reward_components(config: RewardConfig) -> tuple[RewardComponent, ...]:
         The three components, in that order.
     """
     return (
-        RewardComponent(name="accuracy", fn=accuracy_reward, weight=config.accuracy_weight),
+        RewardComponent(name="accuracy", fn=RuleAccuracy(code_limits(config)),
+                        weight=config.accuracy_weight),
         RewardComponent(name="format", fn=format_reward, weight=config.format_weight),
         RewardComponent(name="language", fn=language_reward, weight=config.language_weight),
     )

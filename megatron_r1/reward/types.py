@@ -15,6 +15,14 @@ Language = Literal["en", "zh"]
 
 
 @dataclass(frozen=True, slots=True)
+class CodeTest:
+    """One test of a code prompt: what the program reads on stdin and must print."""
+
+    input: str
+    output: str
+
+
+@dataclass(frozen=True, slots=True)
 class Sample:
     """What the rule rewards know about the prompt a completion answers."""
 
@@ -23,6 +31,9 @@ class Sample:
     prompt without one (the accuracy reward then raises, and scores 0 as an error)."""
     target_language: Language = "en"
     """Language the chain of thought should be written in (RewardConfig.target_language)."""
+    tests: tuple[CodeTest, ...] = ()
+    """A code prompt's tests; non-empty makes the accuracy reward run the completion's program
+    (megatron_r1.reward.code) instead of comparing math answers."""
 
 
 class RewardFn(Protocol):
