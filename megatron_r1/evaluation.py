@@ -4,8 +4,8 @@ Layer L1. For each question, k outputs are sampled (temperature 0.6, top-p 0.95 
 pass@1 is the mean correctness over all k x questions outputs (the unbiased pass@1 estimate
 from k samples), cons@k is the share of questions whose majority answer is correct (the most
 frequent extracted final answer after whitespace normalisation; ties go to the answer seen
-first; outputs without an answer do not vote; a math measure: code outputs carry no answer, so
-for code prompts only pass@1 means something). Correctness is the accuracy reward, scored in
+first; outputs without an answer do not vote; a math measure: the vote compares answer texts,
+not what programs do, so for code prompts read pass@1). Correctness is the accuracy reward, scored in
 the reward worker pool, so a verifier that hangs on one output cannot hang the evaluation.
 """
 
