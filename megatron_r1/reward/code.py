@@ -159,10 +159,13 @@ def _limit_resources(limits: SandboxLimits, uid: int | None, nproc: int) -> None
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def run_program(program: str, stdin: str, limits: SandboxLimits) -> RunResult:
-    """Run `program` with `stdin` in the sandbox; stdout goes to a size-limited file."""
+def run_program(program: str, stdin: str, limits: SandboxLimits,
+                budget: tuple[int | None, int] | None = None) -> RunResult:
+    """Run `program` with `stdin` in the sandbox; stdout goes to a size-limited file.
+    `budget` is `_process_budget(limits)` when the caller runs several tests in a row (it
+    scans /proc)."""
     cmd = _bwrap_command(program, limits.python)
-    uid, nproc = _process_budget(limits)
+    uid, nproc = budget or _process_budget(limits)
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out,
                                 stderr=subprocess.DEVNULL, start_new_session=True,
@@ -209,8 +212,9 @@ def code_accuracy(completion: str, tests: tuple[CodeTest, ...],
     if program is None:
         return 0.0
     passed = 0
+    budget = _process_budget(limits)
     for test in tests:
-        result = run_program(program, test.input, limits)
+        result = run_program(program, test.input, limits, budget)
         ok = (not result.timed_out and result.returncode == 0
               and outputs_match(result.stdout, test.output))
         passed += ok
