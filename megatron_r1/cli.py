@@ -43,29 +43,30 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                              "then exit (0: valid, 2: the first problem, named)")
 
 
+# The commands that run a stage from the config system: (name, --help line, description).
+_STAGE_COMMANDS = (
+    ("sft", "supervised fine-tuning (R1 cold start, distillation)",
+     "Supervised fine-tuning on prompt/completion pairs. Without --config it runs the embedded "
+     "tiny job."),
+    ("train", "GRPO reinforcement learning with rule rewards",
+     "GRPO with vLLM rollouts, rule-based rewards and a reference model; evaluates before and "
+     "after."),
+    ("eval", "pass@1 and cons@k of a checkpoint",
+     "Held-out pass@1 from k samples and cons@k (eval.* settings) of checkpoint.load_dir."),
+    ("sample", "rejection sampling into an SFT data set",
+     "Sample the policy of checkpoint.load_dir on the training prompts (sample.* settings) and "
+     "write the correct, readable outputs as JSONL for `sft`."),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-r1",
         description="DeepSeek-R1 style RL training for Mixture-of-Experts models on "
                     "megatron-core.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sft = sub.add_parser("sft", help="supervised fine-tuning (R1 cold start, distillation)",
-                         description="Supervised fine-tuning on prompt/completion pairs. Without "
-                                     "--config it runs the embedded tiny job.")
-    _add_config_args(sft)
-    train = sub.add_parser("train", help="GRPO reinforcement learning with rule rewards",
-                           description="GRPO with vLLM rollouts, rule-based rewards and a "
-                                       "reference model; evaluates before and after.")
-    _add_config_args(train)
-    evaluate = sub.add_parser("eval", help="pass@1 and cons@k of a checkpoint",
-                              description="Held-out pass@1 from k samples and cons@k "
-                                          "(eval.* settings) of checkpoint.load_dir.")
-    _add_config_args(evaluate)
-    sample = sub.add_parser("sample", help="rejection sampling into an SFT data set",
-                            description="Sample the policy of checkpoint.load_dir on the "
-                                        "training prompts (sample.* settings) and write the "
-                                        "correct, readable outputs as JSONL for `sft`.")
-    _add_config_args(sample)
+    for name, summary, description in _STAGE_COMMANDS:
+        _add_config_args(sub.add_parser(name, help=summary, description=description))
     from megatron_r1.convert import add_convert_parser
     from megatron_r1.plan import add_plan_parser
 
