@@ -11,26 +11,12 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 
 from megatron_r1.config import Config, load_config
 from megatron_r1.layout import resolve_layout
 
 log = logging.getLogger("megatron_r1")
-
-# megatron-core announces each optional accelerator it falls back from, on every rank.
-_EXPECTED_WARNINGS = (
-    r".*Apex is not installed.*",
-    r".*Transformer Engine and Apex are not installed.*",
-    r".*full scope is deprecated.*",
-    r".*Using local implementations.*",
-    # torch 2.13 deprecates the collective names megatron-core 0.16 calls
-    r".*`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated.*",
-    # megatron's DDP reads .grad of its bucket views
-    r".*The .grad attribute of a Tensor that is not a leaf Tensor is being accessed.*",
-)
-
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="YAML",
@@ -81,8 +67,6 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s rank{rank} %(name)s] %(message)s",
                         datefmt="%H:%M:%S")
-    for pattern in _EXPECTED_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
     # megatron-core logs its parameter lists and full optimizer config at INFO.
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
 

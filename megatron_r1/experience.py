@@ -2,9 +2,11 @@
 
 Layer L1. One zarr group per run (`<run_dir>/experience.zarr`), one row per sampled output,
 appended after every rollout. Per-token arrays are [rows, S] in the trainer's label layout
-(position t holds the log-prob of token t + 1; zeros outside the completion), so a row can
-be fed back to the trainer as is: rejection sampling reads the correct completions back from
-here, and analysis tools read any column without loading the rest.
+(model input `tokens`, next ids `labels`; position t holds the log-prob of token t + 1; zeros
+outside the completion), so a row can be fed back to the trainer as is
+(`grpo.rollout_batch.stored_rollout`: the GPU benchmark trains on a recorded rollout),
+rejection sampling reads the correct completions back from here, and analysis tools read any
+column without loading the rest.
 
 `step` is the number of optimizer steps of the policy that sampled the row.
 
@@ -29,6 +31,7 @@ COLUMNS: dict[str, tuple[str, bool]] = {
     "prompt_len": ("int32", False),
     "completion_len": ("int32", False),
     "tokens": ("int32", True),
+    "labels": ("int32", True),
     "loss_mask": ("bool", True),
     "old_logp": ("float32", True),
     "ref_logp": ("float32", True),
@@ -48,7 +51,12 @@ class ExperienceStore:
         self.seq_length = seq_length
         self.components = [f"reward_{name}" for name in reward_components]
         self.group = zarr.open_group(str(self.path), mode="a")
+        rows = int(self._array("step").shape[0]) if "step" in self.group else 0
         for name, (dtype, per_token) in self._schema().items():
+            if name not in self.group and rows:
+                raise ValueError(f"{self.path} holds {rows} rows without the column {name!r} "
+                                 "(written by another version or reward set): use a new run "
+                                 "directory")
             if name not in self.group:
                 shape = (0, seq_length) if per_token else (0,)
                 chunks = (ROWS_PER_CHUNK, seq_length) if per_token else (ROWS_PER_CHUNK * 16,)
@@ -103,3 +111,23 @@ class ExperienceStore:
         select = slice(None) if step is None else np.flatnonzero(steps == step)
         names = columns or [*self._schema(), "step"]
         return {name: np.asarray(self._array(name)[:rows])[select] for name in names}
+
+
+def read_experience(path: str | os.PathLike[str],
+                    columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Columns of every complete row of an experience store, opened read-only (a recorded
+    store, e.g. carried to another machine, is never modified).
+
+    Raises:
+        FileNotFoundError: naming the path when there is no store.
+        KeyError: naming a column the store does not hold.
+    """
+    if not (Path(path) / "zarr.json").is_file():
+        raise FileNotFoundError(f"{path}: no experience store (zarr.json missing)")
+    group = zarr.open_group(str(path), mode="r")
+    rows = int(group["step"].shape[0])  # type: ignore[union-attr]
+    names = columns or sorted(group.array_keys())
+    missing = [n for n in names if n not in group]
+    if missing:
+        raise KeyError(f"{path}: no column(s) {missing}")
+    return {name: np.asarray(group[name][:rows]) for name in names}  # type: ignore[index]

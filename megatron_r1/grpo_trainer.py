@@ -6,16 +6,23 @@ outputs, cut at random into mini-batches of train.global_batch_size, one optimiz
 off 1 after the first mini-batch). The phases read top to bottom in `_rollout_iteration`.
 
 The rollout engine lives on rank 0 (colocated: it sleeps while the trainer runs); what it
-samples is broadcast, every rank packs the same rollout tensors, and each data-parallel rank
-trains on Megatron's slice of every mini-batch. After the last mini-batch the weights go to
-the engine (gathered bucket by bucket) and the engine's log-probs of fixed probe sequences
-must match the trainer's, or the run stops.
+samples is broadcast, every rank packs the same rollout tensors (rows padded only to the
+rollout's longest), and megatron_r1.batching deals every mini-batch to the data-parallel ranks
+and cuts it into micro-batches (each padded to its own longest row, or packed). Every tensor
+is built on the host and meets the model on its device through megatron_r1.schedule; log-probs
+come back to the host, where they are compared with the engine's. After the last mini-batch
+the training state may leave the accelerator (rollout.offload_train_state), the weights go to
+the engine (gathered bucket by bucket) and the engine's log-probs of fixed probe sequences must
+match the trainer's, or the run stops; a non-finite step is skipped and counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,27 +31,51 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_r1.batching import rank_microbatches
+from megatron_r1.batching import (
+    MicroBatching,
+    MicroBatchPlan,
+    padding_fraction,
+    plan_microbatches,
+    split_rows,
+)
 from megatron_r1.config import Config
 from megatron_r1.data.prompts import PromptExample, prompt_splits
 from megatron_r1.evaluation import evaluate, reward_sample
 from megatron_r1.experience import ExperienceStore
 from megatron_r1.grpo import forward
 from megatron_r1.grpo.advantage import group_advantages
-from megatron_r1.grpo.rollout_batch import RolloutTensors, microbatch, minibatch_order, pack_rollout
+from megatron_r1.grpo.rollout_batch import (
+    RolloutTensors,
+    minibatch_order,
+    pack_rollout,
+    score_microbatch,
+    train_inputs,
+    train_microbatch,
+)
 from megatron_r1.hf_export import EngineExport
 from megatron_r1.model.build import build_model
+from megatron_r1.model.weights import copy_weights
+from megatron_r1.offload import ModelOffload, TrainStateOffload
+from megatron_r1.optim import gather_updated_params
 from megatron_r1.plot import plot_grpo_curves
 from megatron_r1.reward.code import SandboxUnavailable, check_sandbox
 from megatron_r1.reward.scoring import RewardScorer, code_limits, reward_components
 from megatron_r1.rollout.types import Completion, RolloutEngine, SamplingConfig
 from megatron_r1.schedule import forward_backward
-from megatron_r1.session import Session, end_session, run_tokenizer, start_session
-from megatron_r1.train_step import train_step
+from megatron_r1.session import (
+    Session,
+    end_session,
+    micro_batching,
+    run_tokenizer,
+    start_session,
+)
+from megatron_r1.train_step import NonFiniteGuard, train_step
 
 log = logging.getLogger(__name__)
 
 REF_MODEL = "ref_model"
+ENGINE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""The engine computes in the policy's dtype (model.params_dtype)."""
 
 
 class SyncCheckError(RuntimeError):
@@ -63,6 +94,14 @@ class Stage:
     engine: RolloutEngine | None
     scorer: RewardScorer | None
     store: ExperienceStore | None
+    how: MicroBatching
+    """How steps are cut into micro-batches (train.* and the layout)."""
+    guard: NonFiniteGuard
+    """Counts non-finite (skipped) steps; stops the run after too many in a row."""
+    train_offload: TrainStateOffload | None = None
+    """rollout.offload_train_state: the optimizer state and gradients during rollout."""
+    ref_offload: ModelOffload | None = None
+    """grpo.offload_reference: the reference model between its uses."""
 
     @property
     def cfg(self) -> Config:
@@ -72,23 +111,37 @@ class Stage:
     def ref_model(self) -> list[torch.nn.Module] | None:
         return self.session.extra_models.get(REF_MODEL)
 
+    @contextlib.contextmanager
+    def reference_on_device(self) -> Iterator[None]:
+        """The reference model's weights on the device for the block (grpo.offload_reference
+        keeps them in host memory otherwise)."""
+        if self.ref_offload is None:
+            yield
+        else:
+            with self.ref_offload.on_device():
+                yield
+
 
 # ------------------------------------------------------------------ trainer-side log-probs
-def score_rows(model: list[torch.nn.Module], rollout: RolloutTensors, rows: list[torch.Tensor],
-               session: Session, temperature: float) -> dict[int, torch.Tensor]:
-    """Per-token log-probs [S] of the given micro-batches' rows under `model` (forward only);
-    known on last-stage ranks, empty elsewhere. Collective."""
+def score_rows(model: list[torch.nn.Module], rollout: RolloutTensors,
+               plans: list[MicroBatchPlan], session: Session,
+               temperature: float) -> dict[int, torch.Tensor]:
+    """Per-token log-probs (host, float32 [length_R[r]]) of the planned micro-batches' rows
+    under `model`, forward only; known on last-stage ranks, empty elsewhere. Collective."""
     cfg, ctx = session.cfg, session.ctx
     step = forward.score_step(temperature, cfg.grpo.fused_loss, ctx.tp_group)
-    batches = [microbatch(rollout, index_B) for index_B in rows]
+    batches = [score_microbatch(rollout, plan) for plan in plans]
     with torch.no_grad():
         for chunk in model:
             chunk.eval()
-        outputs = forward_backward(model, batches, step, ctx, seq_length=cfg.data.seq_length,
-                                   forward_only=True)
+        outputs = forward_backward(model, batches, step, ctx, forward_only=True)
         for chunk in model:
             chunk.train()
-    return {int(r): lp for out in outputs for r, lp in zip(out["rows"], out["logp"])}
+    scores: dict[int, torch.Tensor] = {}
+    for batch, out in zip(batches, outputs):
+        rows = split_rows(out["logp"].float().cpu(), batch)
+        scores.update(zip(batch["rows"].tolist(), rows))
+    return scores
 
 
 def collect_on_rank0(local: dict[int, torch.Tensor], session: Session) -> dict[int, torch.Tensor]:
@@ -108,6 +161,7 @@ def sync_weights(stage: Stage) -> dict[str, float]:
     """Push the policy to the engine, then check the engine against the trainer."""
     start = time.perf_counter()
     session = stage.session
+    gather_updated_params(session.model)  # type: ignore[arg-type]
     buckets = stage.export.hf_buckets(session.model, session.ctx)
     if stage.engine is not None:
         stage.engine.update_weights(buckets)
@@ -124,25 +178,35 @@ def check_sync(stage: Stage) -> dict[str, float]:
     if not stage.probes:
         return {}
     rollout = probe_rollout(stage.probes, cfg.data.seq_length)
-    rows = [torch.tensor([i]) for i in range(len(stage.probes))]
-    trainer = collect_on_rank0(score_rows(session.model, rollout, rows, session, 1.0), session)
+    # one probe per micro-batch on every data-parallel rank: a plan like any other
+    plans = plan_microbatches(range(len(stage.probes)), rollout.length_R.tolist(), 1,
+                              MicroBatching(1, multiple_of=stage.how.multiple_of))[0]
+    trainer = collect_on_rank0(score_rows(session.model, rollout, plans, session, 1.0), session)
     verdict: list[Any] = [None]
     if session.ctx.rank == 0:
         assert stage.engine is not None
         engine = stage.engine.score(stage.probes)
         worst = 0.0
-        for i, seq in enumerate(stage.probes):
-            mine = trainer[i][: len(seq) - 1]
-            worst = max(worst, float((mine - engine[i]).abs().max()))
+        for i in range(len(stage.probes)):
+            gap = float((trainer[i] - engine[i]).abs().max())  # both on the host
+            worst = max(worst, gap) if math.isfinite(gap) else math.inf  # NaN fails too
         verdict[0] = worst
     dist.broadcast_object_list(verdict, src=0)
     worst = float(verdict[0])
-    if worst > cfg.rollout.sync_check_atol:
+    atol = sync_check_atol(cfg)
+    if not worst <= atol:
         raise SyncCheckError(
             f"after the weight sync the engine's log-probs differ from the trainer's by up to "
-            f"{worst:.3g} nats on the probe sequences (rollout.sync_check_atol="
-            f"{cfg.rollout.sync_check_atol}): the engine holds wrong weights")
+            f"{worst:.3g} nats on the probe sequences (rollout.sync_check_atol={atol} for "
+            f"model.params_dtype={cfg.model.params_dtype}): the engine holds wrong weights")
     return {"sync/max_logp_diff": worst}
+
+
+def sync_check_atol(cfg: Config) -> float:
+    """rollout.sync_check_atol, or its default for the model's dtype (see the field)."""
+    if cfg.rollout.sync_check_atol is not None:
+        return cfg.rollout.sync_check_atol
+    return 1e-3 if cfg.model.params_dtype == "fp32" else 0.5
 
 
 def probe_rollout(probes: list[list[int]], seq_length: int) -> RolloutTensors:
@@ -181,8 +245,10 @@ def _sample(stage: Stage, rollout_index: int) -> tuple[list[PromptExample], Any]
     return prompts, payload[0]
 
 
-def _rollout_iteration(stage: Stage, rollout_index: int, step: int,
-                       bar: tqdm) -> tuple[int, dict[str, float]]:
+def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *,
+                       save: bool) -> int:
+    """One rollout: sample, score, advantages, log-probs, one optimizer step per mini-batch,
+    experience store, checkpoint (when `save`), offload, weight sync. Returns the step."""
     session, cfg, ctx = stage.session, stage.cfg, stage.session.ctx
     timings: dict[str, float] = {}
     sampled_at = step  # the policy version that samples this rollout
@@ -196,83 +262,110 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int,
     adv = group_advantages(rewards.total_N, rewards.components_N["accuracy"] > 0.5,
                            cfg.grpo.group_size, std_normalize=cfg.grpo.std_normalize)
 
-    # 3. old (and reference) log-probs of this rank's rows, before any update
+    # 3. every rank's micro-batches of every mini-batch, then old (and reference) log-probs
+    #    of this rank's rows, before any update
     start = time.perf_counter()
     minibatches = minibatch_order(len(rollout), cfg.train.global_batch_size,
                                   seed=cfg.train.seed, rollout_index=rollout_index)
-    my_rows = {m: rank_microbatches(idx, cfg.train.micro_batch_size, ctx.dp_rank,
-                                    ctx.layout.data) for m, idx in enumerate(minibatches)}
-    all_mine = [b for rows in my_rows.values() for b in rows]
+    plans = [plan_microbatches(idx.tolist(), rollout.length_R[idx].tolist(), ctx.layout.data,
+                               stage.how) for idx in minibatches]
+    mine = [every_rank[ctx.dp_rank] for every_rank in plans]
+    all_mine = [plan for per_step in mine for plan in per_step]
     temperature = cfg.rollout.temperature
     old = score_rows(session.model, rollout, all_mine, session, temperature)
-    ref = (score_rows(stage.ref_model, rollout, all_mine, session, temperature)
-           if stage.ref_model is not None else old)
+    ref = old
+    if stage.ref_model is not None:
+        with stage.reference_on_device():
+            ref = score_rows(stage.ref_model, rollout, all_mine, session, temperature)
     shape = rollout.tokens_RS.shape
-    old_RS, ref_RS = _dense(old, shape), _dense(ref, shape)  # this rank's rows filled in
+    inputs = train_inputs(rollout, adv.advantages_R, _dense(old, shape), _dense(ref, shape),
+                          cfg.grpo.loss_aggregation, cfg.rollout.max_new_tokens)
     timings["time/logp_s"] = time.perf_counter() - start
+    lengths = dict(enumerate(rollout.length_R.tolist()))
 
     # 4. one optimizer step per mini-batch
     loss_step = forward.loss_step(cfg.grpo, temperature, ctx.tp_group)
-    rollout_metrics = {**rewards.metrics, **adv.metrics, **timings,
-                       "response/length_mean": float(rollout.completion_len_R.float().mean()),
-                       "response/truncated": float(sum(c.finish_reason == "length"
-                                                       for g in groups for c in g) / len(rollout))}
+    rollout_metrics = {
+        **rewards.metrics, **adv.metrics, **timings,
+        "response/length_mean": float(rollout.completion_len_R.float().mean()),
+        "response/truncated": float(sum(c.finish_reason == "length"
+                                        for g in groups for c in g) / len(rollout)),
+        "batch/padding_fraction": padding_fraction([p for m in plans for p in m], lengths),
+        "batch/microbatches_per_step": len(all_mine) / len(minibatches),
+        "rollout": float(rollout_index)}
+    if stage.train_offload is not None:
+        rollout_metrics.update(stage.train_offload.restore())
     for m in range(len(minibatches)):
-        batches = [microbatch(rollout, index_B, advantages_R=adv.advantages_R, old_logp_RS=old_RS,
-                              ref_logp_RS=ref_RS, aggregation=cfg.grpo.loss_aggregation,
-                              max_new_tokens=cfg.rollout.max_new_tokens)
-                   for index_B in my_rows[m]]
+        batches = [train_microbatch(rollout, plan, inputs) for plan in mine[m]]
         result = train_step(session.model, session.optimizer, session.scheduler, batches,
-                            loss_step, forward.LOSS_METRICS, ctx, seq_length=cfg.data.seq_length)
+                            loss_step, forward.LOSS_METRICS, ctx)
         step += 1
-        metrics = {**result.metrics, "rollout": float(rollout_index)}
-        if m == 0:
-            metrics.update(rollout_metrics)
+        logged = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
+        logged.update(stage.guard.observe(step, result))
         if stage.ref_model is not None and cfg.grpo.ref_update_interval and \
                 step % cfg.grpo.ref_update_interval == 0:
-            copy_weights(session.model, stage.ref_model)
-            metrics["ref/refreshed"] = 1.0
-        session.metrics.log(step, metrics)
+            gather_updated_params(session.model)  # type: ignore[arg-type]
+            with stage.reference_on_device():
+                copy_weights(session.model, stage.ref_model)
+            logged["ref/refreshed"] = 1.0
+        due = step % cfg.logging.log_interval == 0 or step == cfg.train.steps
+        row = {**(logged if due or result.nonfinite else {}),
+               **(rollout_metrics if m == 0 else {})}
+        if row:
+            session.metrics.log(step, row)
         bar.set_postfix(reward=f"{rewards.metrics['reward/total_mean']:.2f}",
                         kl=f"{result.metrics['kl']:.4f}")
         bar.update(1)
 
-    # 5. weights to the engine, checked
-    sync = sync_weights(stage)
-    session.metrics.log(step, sync)
-
-    # 6. experience store (rank 0)
+    # 5. experience store (rank 0)
     old0, ref0 = collect_on_rank0(old, session), collect_on_rank0(ref, session)
     if stage.store is not None:
-        rows = len(rollout)
+        width = cfg.data.seq_length
         columns = {
-            "rollout": torch.full((rows,), rollout_index), "prompt_index": rollout.prompt_index_R,
-            "prompt_len": rollout.prompt_len_R, "completion_len": rollout.completion_len_R,
-            "tokens": rollout.tokens_RS, "loss_mask": rollout.loss_mask_RS.bool(),
-            "old_logp": _dense(old0, shape), "ref_logp": _dense(ref0, shape),
-            "sampler_logp": rollout.sampler_logp_RS, "reward": rewards.total_N,
+            "rollout": torch.full((len(rollout),), rollout_index),
+            "prompt_index": rollout.prompt_index_R, "prompt_len": rollout.prompt_len_R,
+            "completion_len": rollout.completion_len_R,
+            "tokens": _widen(rollout.tokens_RS, width),
+            "labels": _widen(rollout.labels_RS, width),
+            "loss_mask": _widen(rollout.loss_mask_RS, width).bool(),
+            "old_logp": _widen(_dense(old0, shape), width),
+            "ref_logp": _widen(_dense(ref0, shape), width),
+            "sampler_logp": _widen(rollout.sampler_logp_RS, width), "reward": rewards.total_N,
             "advantage": adv.advantages_R,
             **{f"reward_{k}": v for k, v in rewards.components_N.items()},
         }
         stage.store.append(sampled_at, columns)
-    return step, rollout_metrics
+
+    # 6. checkpoint (with the training state still on the device), then offload
+    if save:
+        holder = [len(stage.store) if stage.store is not None else 0]
+        dist.broadcast_object_list(holder, src=0)
+        with stage.reference_on_device():
+            session.save(step, {"experience_rows": holder[0]})
+    after: dict[str, float] = {}
+    if stage.train_offload is not None:
+        after.update(stage.train_offload.offload())
+    if stage.ref_offload is not None:
+        after.update({"offload/reference_gb": stage.ref_offload.nbytes / 1e9,
+                      "offload/reference_s": stage.ref_offload.seconds})
+
+    # 7. weights to the engine, checked
+    after.update(sync_weights(stage))
+    session.metrics.log(step, after)
+    return step
 
 
 def _dense(rows: dict[int, torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    """[R, S] with the given rows' values, zeros elsewhere."""
+    """[R, S] with the given rows' values at their first positions, zeros elsewhere."""
     out = torch.zeros(shape)
     for r, value in rows.items():
-        out[r] = value
+        out[r, :value.numel()] = value
     return out
 
 
-def copy_weights(source: list[torch.nn.Module], target: list[torch.nn.Module]) -> None:
-    """target <- source, parameter by parameter (same layout on this rank)."""
-    with torch.no_grad():
-        for src, dst in zip(source, target):
-            src_params = dict(getattr(src, "module", src).named_parameters())
-            for name, param in getattr(dst, "module", dst).named_parameters():
-                param.copy_(src_params[name])
+def _widen(values_RS: torch.Tensor, width: int) -> torch.Tensor:
+    """[R, width]: rows padded with zeros (the experience store's fixed data.seq_length)."""
+    return torch.nn.functional.pad(values_RS, (0, width - values_RS.shape[1]))
 
 
 # ------------------------------------------------------------------ the stage
@@ -315,7 +408,7 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
                          f"({longest} tokens) plus rollout.max_new_tokens="
                          f"{cfg.rollout.max_new_tokens}")
     export = EngineExport(cfg.model, tokenizer, bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
-    engine = scorer = store = None
+    engine = scorer = store = train_offload = ref_offload = None
     if ctx.rank == 0 and any(q.tests for q in train_prompts + eval_prompts):
         _check_code_rewards(cfg)
     if ctx.rank == 0:
@@ -323,15 +416,24 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
 
         model_dir = export.write_engine_dir(session.run_dir / "engine_model")
         engine = VLLMEngine(model_dir, cfg.rollout, max_model_len=cfg.data.seq_length + 1,
-                            seed=cfg.train.seed, load_format="dummy")
+                            seed=cfg.train.seed, dtype=ENGINE_DTYPES[cfg.model.params_dtype],
+                            load_format="dummy")
         scorer = RewardScorer.from_config(cfg.reward, num_workers=cfg.reward.num_workers)
     if ctx.rank == 0 and training:
         store = ExperienceStore(session.run_dir / "experience.zarr", cfg.data.seq_length,
                                 [c.name for c in reward_components(cfg.reward)])
     probes = _probe_sequences(eval_prompts or train_prompts, cfg.rollout.sync_check_sequences,
                               tokenizer)
+    if training and cfg.rollout.offload_train_state:
+        train_offload = TrainStateOffload(session.model, session.optimizer,  # type: ignore[arg-type]
+                                          ctx.device)
+    if session.extra_models and cfg.grpo.offload_reference:
+        ref_offload = ModelOffload(session.extra_models[REF_MODEL], ctx.device)
+        ref_offload.offload()
     return Stage(session=session, train_prompts=train_prompts, eval_prompts=eval_prompts,
-                 probes=probes, export=export, engine=engine, scorer=scorer, store=store)
+                 probes=probes, export=export, engine=engine, scorer=scorer, store=store,
+                 how=micro_batching(cfg, ctx.layout), train_offload=train_offload,
+                 ref_offload=ref_offload, guard=NonFiniteGuard(cfg.train.max_consecutive_nonfinite))
 
 
 def _check_code_rewards(cfg: Config) -> None:
@@ -416,19 +518,14 @@ def _train(stage: Stage) -> dict[str, float]:
     last = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
     bar = tqdm(total=last, initial=step, desc="grpo", unit="step",
                disable=not (session.is_logging_rank and cfg.logging.progress_bar))
+    interval = cfg.checkpoint.save_interval
     while step + steps_per_rollout <= last:
-        rollout_index = step // steps_per_rollout
-        previous = step
-        step, _ = _rollout_iteration(stage, rollout_index, step, bar)
-        interval = cfg.checkpoint.save_interval
-        crossed = interval and step // interval > previous // interval
+        previous, upcoming = step, step + steps_per_rollout
+        save = bool(interval and upcoming // interval > previous // interval) or \
+            upcoming + steps_per_rollout > last
+        step = _rollout_iteration(stage, step // steps_per_rollout, step, bar, save=save)
         if cfg.eval.interval and step // cfg.eval.interval > previous // cfg.eval.interval:
             _evaluate(stage, step)
-        if crossed or step + steps_per_rollout > last:
-            rows = len(stage.store) if stage.store is not None else 0
-            holder = [rows]
-            dist.broadcast_object_list(holder, src=0)
-            session.save(step, {"experience_rows": holder[0]})
     bar.close()
     after = _evaluate(stage, step)
     summary.update({f"end/{k}": v for k, v in after.items()})

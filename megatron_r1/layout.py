@@ -33,7 +33,19 @@ class Layout:
     last_stage_layers: int | None
     sequence_parallel: bool
     num_microbatches: int
-    """Micro-batches per optimizer step on each data-parallel rank."""
+    """Micro-batches per optimizer step on each data-parallel rank (with train.micro_batch_size
+    rows each; a token budget decides its own count per step)."""
+    uniform_microbatch_shapes: bool = False
+    """Every micro-batch of a step must have one shape [rows, length] on every rank: megatron's
+    allgather token dispatcher gathers equal-sized token blocks over the expert-parallel ranks
+    (different data-parallel ranks), and it refuses variable shapes between pipeline stages.
+    Otherwise each micro-batch takes its own length (pipelines then exchange shapes first:
+    megatron's variable_seq_lengths)."""
+
+    @property
+    def sequence_multiple(self) -> int:
+        """Sequence lengths must be multiples of this (sequence parallelism splits them)."""
+        return self.tensor if self.sequence_parallel else 1
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
@@ -113,13 +125,23 @@ def resolve_layout(parallel: ParallelConfig, model: ModelConfig, train: TrainCon
         raise ValueError(
             f"train.global_batch_size={train.global_batch_size} is not divisible by "
             f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {dp}")
+    uniform = (model.is_moe and parallel.moe_token_dispatcher == "allgather"
+               and (ep > 1 or pp > 1))
+    if uniform and (train.max_tokens_per_microbatch or train.pack_sequences):
+        knob = ("train.max_tokens_per_microbatch" if train.max_tokens_per_microbatch
+                else "train.pack_sequences")
+        raise ValueError(
+            f"{knob} gives micro-batches of different shapes, which "
+            f"parallel.moe_token_dispatcher=allgather cannot take with parallel.expert={ep} / "
+            f"parallel.pipeline={pp}: use parallel.moe_token_dispatcher=alltoall")
     return Layout(world_size=world_size, tensor=tp, pipeline=pp, context=cp, expert=ep,
                   expert_tensor=etp, data=dp, expert_data=world_size // expert_split,
                   virtual_pipeline=parallel.virtual_pipeline,
                   first_stage_layers=parallel.first_stage_layers,
                   last_stage_layers=parallel.last_stage_layers,
                   sequence_parallel=sequence_parallel,
-                  num_microbatches=train.global_batch_size // per_step)
+                  num_microbatches=train.global_batch_size // per_step,
+                  uniform_microbatch_shapes=uniform)
 
 
 def pipeline_stage_layers(num_layers: int, pipeline: int, virtual_pipeline: int | None = None,

@@ -27,6 +27,16 @@ from torch.overrides import TorchFunctionMode
 log = logging.getLogger(__name__)
 
 _APPLIED: list[str] = []
+_STANDIN = "cpu"
+"""The device that stands in for CUDA in the redirections below."""
+
+
+def use_meta_as_cuda() -> None:
+    """Test aid (tests/e2e/device_guard_worker.py): let the `meta` device stand in for CUDA
+    instead of the CPU, so that a model placed on `meta` meets megatron's own "CUDA" tensors
+    there and any host tensor that reaches it fails as it would on a GPU."""
+    global _STANDIN
+    _STANDIN = "meta"
 
 
 # --- 1. RNG states: megatron.core.tensor_parallel.random --------------------------------------
@@ -105,7 +115,7 @@ def _cuda_device_queries_to_cpu() -> None:
     `torch.cuda.synchronize()` ends each batched p2p exchange (p2p_communication.py) and each
     async dist-checkpoint write (filesystem_async.py); `torch.cuda.current_stream()` /
     `torch.cuda.stream()` order gradient buckets in DDP. Answer them for the CPU."""
-    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
+    torch.cuda.current_device = lambda: _STANDIN  # type: ignore[assignment,return-value]
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
     torch.cuda.current_stream = lambda device=None: _NullStream()  # type: ignore[assignment]
     torch.cuda.default_stream = lambda device=None: _NullStream()  # type: ignore[assignment]
@@ -143,9 +153,9 @@ class _CudaLiteralsToCpu(TorchFunctionMode):
             name = func(*args)
             return _TENSOR_TYPE_ON_CUDA.get(name, name)
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs = {**kwargs, "device": "cpu"}
+            kwargs = {**kwargs, "device": _STANDIN}
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], "cpu", *args[2:])
+            args = (args[0], _STANDIN, *args[2:])
         return func(*args, **kwargs)
 
 
@@ -165,11 +175,14 @@ def _causal_mask_on_cpu() -> None:
     from megatron.core.transformer import utils
 
     @functools.lru_cache(maxsize=32)
-    def causal_mask(sq: int) -> torch.Tensor:
-        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+    def causal_mask(sq: int, device: str = "cpu") -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device=device), diagonal=1).bool()
 
-    utils.get_default_causal_mask = causal_mask
-    fused_softmax.get_default_causal_mask = causal_mask
+    def standin_causal_mask(sq: int) -> torch.Tensor:
+        return causal_mask(sq, _STANDIN)
+
+    utils.get_default_causal_mask = standin_causal_mask
+    fused_softmax.get_default_causal_mask = standin_causal_mask
 
 
 def _cuda_literals_to_cpu() -> None:
@@ -251,5 +264,17 @@ def apply(skip: frozenset[str] = frozenset()) -> list[str]:
             fix()
             _APPLIED.append(name)
     log.debug("megatron compatibility fixes applied: %s", ", ".join(_APPLIED))
+    if not _have_transformer_engine():
+        log.info("without Transformer Engine%s: megatron-core's local layers, torch norms, "
+                 "torch.optim.AdamW and its own multi-tensor helpers%s", _apex_note(),
+                 "" if torch.cuda.is_available() else " (CPU: no fused kernels to miss)")
     return list(_APPLIED)
+
+
+def _apex_note() -> str:
+    try:
+        import apex  # noqa: F401
+    except ImportError:
+        return " and Apex"
+    return ""
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_r1.batching import MicroBatching
 from megatron_r1.checkpoint.assets import ASSETS_DIR, write_assets
 from megatron_r1.checkpoint.dist_ckpt import (
     latest_checkpoint,
@@ -35,13 +36,14 @@ from megatron_r1.config import Config, write_resolved_config
 from megatron_r1.config.schema import ModelConfig
 from megatron_r1.data.tokenizer import resolve_tokenizer
 from megatron_r1.hf_export import family_of
-from megatron_r1.layout import resolve_layout
+from megatron_r1.layout import Layout, resolve_layout
 from megatron_r1.metrics import MetricsWriter
 from megatron_r1.model.build import build_model
 from megatron_r1.optim import (
     MegatronOptimizer,
     OptimizerParamScheduler,
     build_optimizer,
+    gather_updated_params,
     wrap_for_training,
 )
 from megatron_r1.parallel.init import ParallelContext, destroy_parallel, init_parallel
@@ -90,6 +92,7 @@ class Session:
         if self.ctx.rank == 0:
             write_assets(self.checkpoint_dir, copy_from=self.assets_from,
                          tokenizer=self.tokenizer)
+        gather_updated_params(self.model)  # type: ignore[arg-type]
         describe = {"model": dataclasses.asdict(self.cfg.model), "source": self.source}
         return save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer,
                                self.scheduler, trainer_state, self.ctx,
@@ -129,6 +132,14 @@ def _model_source(model: ModelConfig, start: Path | None) -> dict[str, Any] | No
     return {"format": "megatron-r1", "family": family.name}
 
 
+def micro_batching(cfg: Config, layout: Layout) -> MicroBatching:
+    """How this run cuts its steps into micro-batches (train.* and the layout's needs)."""
+    return MicroBatching(micro_batch_size=cfg.train.micro_batch_size,
+                         max_tokens=cfg.train.max_tokens_per_microbatch,
+                         pack=cfg.train.pack_sequences, multiple_of=layout.sequence_multiple,
+                         uniform=layout.uniform_microbatch_shapes)
+
+
 ExtraModels = Callable[[ParallelContext], dict[str, list[torch.nn.Module]]]
 
 
@@ -162,6 +173,11 @@ def start_session(cfg: Config, launch: LaunchEnv | None = None,
                                 extra_models=extras if own else None)
         if full:
             start_step, trainer_state = state.pop("step"), state
+        else:
+            # The optimizer copied the freshly initialised weights into its fp32 master
+            # weights when it was built (bf16/fp16 models); without this its first step
+            # would write those random weights back over the loaded ones.
+            optimizer.reload_model_params()
         if ctx.rank == 0:
             log.info("loaded %s (%s)", path, "resume" if own else
                      "initialisation" + ("" if full else ", weights only"))

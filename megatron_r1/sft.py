@@ -17,11 +17,18 @@ import time
 import torch
 from tqdm import tqdm
 
+from megatron_r1.batching import plan_microbatches
 from megatron_r1.config import Config
 from megatron_r1.data.sft import MicroBatch, SFTBatchSource, SFTDataset, sft_datasets
 from megatron_r1.schedule import LossFn
-from megatron_r1.session import Session, end_session, run_tokenizer, start_session
-from megatron_r1.train_step import eval_step, train_step
+from megatron_r1.session import (
+    Session,
+    end_session,
+    micro_batching,
+    run_tokenizer,
+    start_session,
+)
+from megatron_r1.train_step import NonFiniteGuard, eval_step, train_step
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +48,20 @@ def _masked_loss(loss_mask_BS: torch.Tensor,
 def sft_forward_step(batch: MicroBatch, model: torch.nn.Module) -> tuple[torch.Tensor, LossFn]:
     """GPTModel with labels returns the per-token cross-entropy [b, s] (vocab-parallel under
     TP); on a non-last pipeline stage it returns hidden states and the loss fn is unused."""
-    token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                       packed_seq_params=batch.get("packed_seq_params"))
     return token_loss, functools.partial(_masked_loss, batch["loss_mask"])
 
 
 def _eval_batches(dataset: SFTDataset, session: Session) -> list[MicroBatch]:
-    """This rank's share of the whole eval set, in fixed order (whole micro-batches only)."""
-    layout, b = session.ctx.layout, session.cfg.train.micro_batch_size
-    usable = len(dataset) // (b * layout.data) * (b * layout.data)
-    rows = torch.arange(usable).view(-1, layout.data, b)[:, session.ctx.dp_rank]
-    return [dataset.batch(index_B) for index_B in rows]
+    """This rank's share of the whole eval set, in fixed order (whole micro-batches only),
+    cut as training steps are."""
+    layout, how = session.ctx.layout, micro_batching(session.cfg, session.ctx.layout)
+    per_round = how.micro_batch_size * layout.data
+    usable = len(dataset) // per_round * per_round
+    plans = plan_microbatches(range(usable), dataset.length_N[:usable].tolist(), layout.data,
+                              how)
+    return [dataset.batch(plan) for plan in plans[session.ctx.dp_rank]]
 
 
 def run_sft(cfg: Config) -> dict[str, float]:
@@ -68,13 +79,13 @@ def _train(cfg: Config, session: Session) -> dict[str, float]:
     tokenizer = run_tokenizer(session)
     train_set, eval_set = sft_datasets(cfg.data, tokenizer, seed=cfg.data.seed)
     source = SFTBatchSource(train_set, global_batch_size=cfg.train.global_batch_size,
-                            micro_batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp_rank,
+                            micro_batching=micro_batching(cfg, ctx.layout), dp_rank=ctx.dp_rank,
                             dp_size=ctx.layout.data, seed=cfg.data.seed)
     if "data" in session.trainer_state:
         source.load_state_dict(session.trainer_state["data"])
-    seq = cfg.data.seq_length
     evaluate = functools.partial(eval_step, session.model, forward_step=sft_forward_step,
-                                 metric_keys=METRIC_KEYS, ctx=ctx, seq_length=seq)
+                                 metric_keys=METRIC_KEYS, ctx=ctx)
+    guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
     eval_batches = _eval_batches(eval_set, session) if eval_set is not None else []
 
     summary: dict[str, float] = {}
@@ -88,17 +99,18 @@ def _train(cfg: Config, session: Session) -> dict[str, float]:
     for step in range(session.start_step + 1, last + 1):
         batch = source.next_step()
         result = train_step(session.model, session.optimizer, session.scheduler,
-                            batch.micro_batches, sft_forward_step, METRIC_KEYS, ctx,
-                            seq_length=seq)
-        metrics = dict(result.metrics)
-        metrics["tokens_per_s"] = cfg.train.global_batch_size * seq / metrics["step_time_s"]
+                            batch.micro_batches, sft_forward_step, METRIC_KEYS, ctx)
+        metrics = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
+        metrics.update(guard.observe(step, result))
+        # positions the step trained on over all ranks, padding excluded
+        metrics["tokens_per_s"] = batch.global_positions / metrics["step_time_s"]
         metrics["loss_tokens"] = float(batch.global_loss_tokens)
+        metrics["padding_fraction"] = batch.padding_fraction
         metrics["epoch"] = float(batch.epoch)
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"step {step}: loss is {metrics['loss']}")
         if step % cfg.logging.log_interval == 0 or step == last:
             session.metrics.log(step, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3f}")
+        bar.set_postfix(loss=f"{result.metrics['loss']:.4f}",
+                        gnorm=f"{metrics.get('grad_norm', float('nan')):.3f}")
         bar.update(1)
         interval = cfg.checkpoint.save_interval
         if (interval and step % interval == 0) or step == last:
@@ -111,3 +123,4 @@ def _train(cfg: Config, session: Session) -> dict[str, float]:
         summary["eval_loss_end"] = evaluate(eval_batches)["loss"]
         session.metrics.log(last, {"eval_loss": summary["eval_loss_end"]})
     return {**metrics, **summary}
+

@@ -36,13 +36,15 @@ def run_module(args: list[str], *, nproc: int = 1, timeout: float = 300,
     return proc
 
 
-def run_script(script: Path, args: list[str], *, nproc: int = 1,
-               timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`python SCRIPT ARGS` (under torchrun for nproc > 1); raises with its stderr on failure."""
+def run_script(script: Path, args: list[str], *, nproc: int = 1, timeout: float = 300,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python SCRIPT ARGS` (under torchrun for nproc > 1), with `env` added to the
+    environment; raises with its stderr on failure."""
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone",
                                       f"--nproc-per-node={nproc}"]
     proc = subprocess.run([sys.executable, *launcher, str(script), *args], cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=timeout)
+                          env={**_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{script} failed:\n{proc.stderr[-6000:]}")
     return proc

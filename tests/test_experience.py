@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_r1.experience import ExperienceStore
+from megatron_r1.experience import ExperienceStore, read_experience
 
 
 def rollout(rows: int, seq: int, value: float) -> dict:
@@ -12,6 +12,7 @@ def rollout(rows: int, seq: int, value: float) -> dict:
         "rollout": torch.zeros(rows), "prompt_index": torch.arange(rows),
         "prompt_len": torch.full((rows,), 3), "completion_len": torch.full((rows,), 2),
         "tokens": torch.arange(rows * seq).view(rows, seq),
+        "labels": torch.arange(rows * seq).view(rows, seq) + 1,
         "loss_mask": torch.ones(rows, seq, dtype=torch.bool),
         "old_logp": torch.full((rows, seq), value), "ref_logp": torch.full((rows, seq), value),
         "sampler_logp": torch.full((rows, seq), value), "reward": torch.full((rows,), value),
@@ -51,3 +52,17 @@ def test_bad_columns_are_named(tmp_path):
         store.append(0, bad)
     with pytest.raises(ValueError, match=r"data\.seq_length=6"):
         ExperienceStore(tmp_path / "x.zarr", 6, ["accuracy"])
+
+
+def test_read_only_access_and_a_store_of_another_schema(tmp_path):
+    store = ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy"])
+    store.append(2, rollout(4, 5, -1.0))
+    rows = read_experience(tmp_path / "x.zarr", ["labels", "reward"])
+    assert rows["labels"].shape == (4, 5) and rows["reward"].tolist() == [-1.0] * 4
+    with pytest.raises(KeyError, match="no column"):
+        read_experience(tmp_path / "x.zarr", ["values"])
+    with pytest.raises(FileNotFoundError, match="no experience store"):
+        read_experience(tmp_path / "missing.zarr")
+    # a reward set with another component: the store cannot grow a column for old rows
+    with pytest.raises(ValueError, match="without the column 'reward_format'"):
+        ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy", "format"])

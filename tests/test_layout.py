@@ -47,6 +47,12 @@ def test_valid_layouts(world, overrides, expect):
     (2, ["parallel.tensor=2", "model.num_attention_heads=2", "model.hidden_size=64"], None),
     (2, ["parallel.context=2"], r"parallel.context=2: context parallelism is not supported yet"),
     (4, ["train.global_batch_size=8", "train.micro_batch_size=4"], r"train.global_batch_size=8 is not divisible by train.micro_batch_size=4 x data-parallel size 4"),
+    # allgather gathers equal token blocks over EP ranks: no per-micro-batch shapes
+    (2, ["parallel.expert=2", "parallel.moe_token_dispatcher=allgather", "train.pack_sequences=true"],
+     r"train.pack_sequences gives micro-batches of different shapes, which parallel.moe_token_dispatcher=allgather cannot take"),
+    (2, ["parallel.pipeline=2", "parallel.moe_token_dispatcher=allgather", "train.max_tokens_per_microbatch=256"],
+     r"train.max_tokens_per_microbatch gives micro-batches of different shapes"),
+    (2, ["parallel.pipeline=2", "parallel.moe_token_dispatcher=alltoall", "train.pack_sequences=true"], None),
 ])
 def test_invalid_layouts_name_keys_and_values(world, overrides, message):
     if message is None:  # a control: the same shape of layout that is valid
@@ -54,6 +60,16 @@ def test_invalid_layouts_name_keys_and_values(world, overrides, message):
         return
     with pytest.raises(ValueError, match=message):
         layout(world, *overrides)
+
+
+def test_uniform_shapes_only_where_the_allgather_dispatcher_meets_other_ranks():
+    assert layout(2, "parallel.expert=2", "parallel.moe_token_dispatcher=allgather") \
+        .uniform_microbatch_shapes
+    assert not layout(2, "parallel.tensor=2", "parallel.moe_token_dispatcher=allgather") \
+        .uniform_microbatch_shapes  # TP ranks share their batch
+    assert not layout(2, "parallel.pipeline=2", "model.num_experts=0",
+                      "parallel.moe_token_dispatcher=allgather").uniform_microbatch_shapes
+    assert layout(2, "parallel.tensor=2").sequence_multiple == 2
 
 
 def test_vocab_padding_matches_megatron():

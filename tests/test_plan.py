@@ -107,7 +107,7 @@ def _counts(model: ModelConfig) -> ShardCounts:
     return ShardCounts(tensor=1, expert=1, expert_tensor=1,
                        embedding=PartCount(2000, 0, 0), layers={"dense": layer, "moe": moe},
                        final_norm=PartCount(10, 0, 0), output_layer=PartCount(2000, 0, 0),
-                       tied_single_stage=False, mtp=PartCount(),
+                       tied_single_stage=False,
                        layer_kinds=("dense",) + ("moe",) * (model.num_layers - 1))
 
 
@@ -132,6 +132,45 @@ def test_weights_grads_and_sharded_optimizer_bytes():
     cfg.parallel.distributed_optimizer = False
     unsharded = plan_layout(cfg, cand, options, lambda m, tp, ep, etp: _counts(m))
     assert unsharded.stages[0].optimizer == 12 * p.total
+
+
+def test_each_offload_the_planner_counts_is_a_config_switch():
+    """Nothing leaves the GPU unless its config field says so, and each field moves exactly
+    its own bytes between the GPU phases and the host."""
+    base = ["model.params_dtype=bf16", "model.num_layers=4", "model.moe_first_dense_layers=1",
+            "train.global_batch_size=64", "train.micro_batch_size=1", "grpo.kl_coef=0.001"]
+    cand = Candidate(tensor=1, pipeline=1, context=1, expert=4, expert_tensor=1,
+                     recompute="full", rollout_tensor=1)
+    options = PlanOptions(gpus=16, gpu_memory=80e9)
+
+    def stage(*extra: str):
+        plan = plan_layout(load_config(None, [*base, *extra]), cand, options,
+                           lambda m, tp, ep, etp: _counts(m))
+        return plan, plan.stages[0]
+
+    plan, off = stage()
+    assert plan.offloaded == ()
+    # nothing offloaded: the rollout phase keeps gradients, optimizer and reference
+    assert off.rollout_residual == off.weights + off.grads + off.optimizer + off.reference + \
+        options.reserve
+    plan, train_out = stage("rollout.offload_train_state=true")
+    assert plan.offloaded == ("optimizer states and gradients (rollout.offload_train_state)",)
+    assert off.rollout_residual - train_out.rollout_residual == off.grads + off.optimizer
+    assert off.logprob - train_out.logprob == off.grads + off.optimizer
+    assert train_out.train == off.train  # training itself needs everything
+    # the host holds the optimizer states (gradient buffers are freed, not copied) or the
+    # sleeping engine's weights, whichever is larger
+    assert train_out.host == max(off.optimizer, plan.rollout.weights)
+    plan, ref_out = stage("grpo.offload_reference=true")
+    assert plan.offloaded == ("reference model (grpo.offload_reference)",)
+    assert off.train - ref_out.train == off.reference
+    assert off.rollout_residual - ref_out.rollout_residual == off.reference
+    assert ref_out.logprob == off.logprob  # the reference is on the GPU for its log-probs
+    assert ref_out.host - off.host == off.reference
+    _, no_ref = stage("grpo.kl_coef=0", "grpo.offload_reference=true")
+    assert no_ref.reference == 0 and no_ref.train == ref_out.train
+    _, level2 = stage("rollout.sleep_level=2")
+    assert level2.host == 0  # a level-2 engine drops its weights; nothing else offloaded
 
 
 def test_mla_kv_cache_is_the_latent_on_every_tensor_rank():

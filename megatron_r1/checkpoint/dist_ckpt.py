@@ -8,6 +8,8 @@ rank's RNG states, the trainer's own state (step, data position) and `megatron_r
 source; readable without torch). Saves are atomic: everything is written into a
 hidden temporary directory that is renamed into place only after every rank finished, and
 `latest` is then replaced atomically; a crash mid-save leaves the previous checkpoint intact.
+Weights holding a NaN or an inf are never saved (the save raises, naming the tensor), so
+every checkpoint is finite and `keep_last` can only remove older finite ones.
 
 Optimizer state follows parameters through data-parallel resharding only; loading it at a
 different TP/PP/EP layout is refused with a clear error (load weights only instead).
@@ -33,6 +35,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_r1.optim import agree_on_first, first_nonfinite_weight
 from megatron_r1.parallel.init import ParallelContext
 
 LATEST_FILE = "latest"
@@ -177,6 +180,12 @@ def save_checkpoint(root: str | os.PathLike[str], step: int, model: list[torch.n
             model config and its source, which `convert mcore-to-hf` reads.
     """
     root = Path(root)
+    problem = agree_on_first(first_nonfinite_weight(
+        [*model, *(c for chunks in (extra_models or {}).values() for c in chunks)]), ctx)
+    if problem is not None:
+        raise FloatingPointError(
+            f"step {step}: {problem} holds non-finite values; no checkpoint is written (the "
+            f"latest finite one stays: {latest_checkpoint(root) if root.exists() else None})")
     final = step_dir(root, step)
     tmp = root / f".{final.name}.partial"
     if ctx.rank == 0:

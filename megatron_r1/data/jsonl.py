@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from megatron_r1.config.schema import DataConfig
+
+T = TypeVar("T")
 
 
 def read_jsonl_records(path: str | Path, keys: Sequence[str],
@@ -98,3 +103,27 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, str]]) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return count
+
+
+def jsonl_splits(data: DataConfig, read: Callable[[str], list[T]]) -> tuple[list[T], list[T]]:
+    """(train, held-out) records of a JSONL source: `data.eval_path` read the same way, or a
+    `data.eval_fraction` share of `data.path`'s records (chosen by a permutation seeded with
+    data.seed, so SFT and GRPO reading one file hold out the same lines), or none.
+
+    Raises:
+        ValueError: when the fraction would leave no training (or no held-out) record.
+    """
+    assert data.path is not None  # DataConfig checks it for source=jsonl
+    records = read(data.path)
+    if data.eval_path:
+        return records, read(data.eval_path)
+    if not data.eval_fraction:
+        return records, []
+    count = round(len(records) * data.eval_fraction)
+    if not 0 < count < len(records):
+        raise ValueError(f"data.eval_fraction={data.eval_fraction} of the {len(records)} records "
+                         f"of {data.path} holds out {count}: need at least one held-out and "
+                         "one training record")
+    held = set(random.Random(f"held-out:{data.seed}").sample(range(len(records)), count))
+    return ([r for i, r in enumerate(records) if i not in held],
+            [r for i, r in enumerate(records) if i in held])

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from megatron_r1.config.schema import DataConfig
 from megatron_r1.data.arithmetic import arithmetic_splits
-from megatron_r1.data.jsonl import read_jsonl_records
+from megatron_r1.data.jsonl import jsonl_splits, read_jsonl_records
 from megatron_r1.data.template import render_prompt
 
 
@@ -72,7 +72,8 @@ def read_prompt_jsonl(path: str | Path) -> list[tuple[str, str, Tests]]:
 
 def prompt_splits(data: DataConfig, tokenizer: PreTrainedTokenizerBase
                   ) -> tuple[list[PromptExample], list[PromptExample]]:
-    """(train, held-out) prompts; a JSONL source has no held-out split."""
+    """(train, held-out) prompts; a JSONL source's held-out prompts come from data.eval_path
+    or a data.eval_fraction of data.path (none without either)."""
     train: list[tuple[str, str, Tests]]
     held_out: list[tuple[str, str, Tests]]
     if data.source == "arithmetic":
@@ -80,8 +81,7 @@ def prompt_splits(data: DataConfig, tokenizer: PreTrainedTokenizerBase
         train = [(p.question, str(p.answer), ()) for p in splits.train]
         held_out = [(p.question, str(p.answer), ()) for p in splits.eval]
     else:
-        assert data.path is not None
-        train, held_out = read_prompt_jsonl(data.path), []
+        train, held_out = jsonl_splits(data, read_prompt_jsonl)
 
     def encode(rows: list[tuple[str, str, Tests]]) -> list[PromptExample]:
         if not rows:  # transformers 5's tokenizer raises IndexError on an empty batch

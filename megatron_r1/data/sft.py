@@ -8,8 +8,10 @@ Layer L1 (torch + transformers). Key decisions:
   boundary is exact and SFT sees the ids the policy will see in GRPO.
 - The batch order is a function of (seed, epoch, position in the epoch) only. A step's global
   batch is the next `global_batch_size` samples of the epoch's permutation whatever the
-  data-parallel size; ranks take Megatron's slices of it. Resuming needs two numbers (epoch,
-  samples consumed in it), identical on every rank and valid under another DP size.
+  data-parallel size; megatron_r1.batching deals them to ranks and micro-batches (megatron's
+  slices, or a token budget), each micro-batch padded only to its own longest sample or
+  packed. Resuming needs two numbers (epoch, samples consumed in it), identical on every rank
+  and valid under another DP size.
 - The permutation is a Fisher-Yates shuffle driven by `random.Random.random()`, whose output
   Python guarantees across versions, so a resume after an upgrade sees the same order.
 
@@ -27,7 +29,13 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from megatron_r1.batching import rank_microbatches
+from megatron_r1.batching import (
+    MicroBatching,
+    MicroBatchPlan,
+    build_microbatch,
+    padding_fraction,
+    plan_microbatches,
+)
 from megatron_r1.config.schema import DataConfig
 from megatron_r1.data.arithmetic import (
     VALUE_RANGE_FACTOR,
@@ -36,14 +44,15 @@ from megatron_r1.data.arithmetic import (
     write_solution,
     wrong_answer,
 )
-from megatron_r1.data.jsonl import read_jsonl_records
+from megatron_r1.data.jsonl import jsonl_splits, read_jsonl_records
 from megatron_r1.data.template import render_prompt
 
 logger = logging.getLogger(__name__)
 
 MicroBatch = dict[str, torch.Tensor]
-"""`tokens`, `labels`, `position_ids` int64 [B, S]; `loss_mask` float32 [B, S];
-`sample_index` int64 [B] (rows of the data set, for logging and tests)."""
+"""`tokens`, `labels`, `position_ids` int64 [B, L]; `loss_mask` float32 [B, L]; `rows` and
+`lengths` int64 [B] (samples of the data set and the positions each uses); packed: [1, T]
+plus `cu_seqlens` and `max_seqlen` (megatron_r1.batching)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +98,8 @@ def arithmetic_examples(data: DataConfig, *,
 
 
 def sft_examples(data: DataConfig, *, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
-    """The (train, eval) examples data.source names; a JSONL source has no eval split.
+    """The (train, eval) examples data.source names; a JSONL source's eval split is
+    data.eval_path or a data.eval_fraction of data.path (none without either).
 
     Args:
         data: The data config.
@@ -100,10 +110,13 @@ def sft_examples(data: DataConfig, *, seed: int) -> tuple[list[SFTExample], list
     """
     if data.source == "arithmetic":
         return arithmetic_examples(data, seed=seed)
-    assert data.path is not None  # DataConfig checks it for source=jsonl
-    train = [SFTExample(render_prompt(e.prompt, data.template), e.completion)
-             for e in read_jsonl(data.path)]
-    return train, []
+    train, held_out = jsonl_splits(data, read_jsonl)
+
+    def templated(examples: list[SFTExample]) -> list[SFTExample]:
+        return [SFTExample(render_prompt(e.prompt, data.template), e.completion)
+                for e in examples]
+
+    return templated(train), templated(held_out)
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -119,6 +132,8 @@ class SFTDataset:
     """int64 [N, S]: next token, ids[1:] (pad where masked)."""
     loss_mask_NS: torch.Tensor
     """float32 [N, S]: 1 where the label is a completion token or eos."""
+    length_N: torch.Tensor
+    """int64 [N]: positions each sample uses (its ids minus one); the rest is padding."""
     num_dropped: int
     """Examples dropped for being longer than S + 1 tokens."""
 
@@ -129,16 +144,10 @@ class SFTDataset:
     def seq_length(self) -> int:
         return self.tokens_NS.shape[1]
 
-    def batch(self, index_B: torch.Tensor) -> MicroBatch:
-        """Stack the samples at `index_B` (int64 [B]) into one micro-batch [B, S]."""
-        batch_size = index_B.shape[0]
-        return {
-            "tokens": self.tokens_NS[index_B],
-            "labels": self.labels_NS[index_B],
-            "loss_mask": self.loss_mask_NS[index_B],
-            "position_ids": torch.arange(self.seq_length).repeat(batch_size, 1),
-            "sample_index": index_B.clone(),
-        }
+    def batch(self, plan: MicroBatchPlan) -> MicroBatch:
+        """The micro-batch of the plan's samples, padded to its length or packed."""
+        return build_microbatch(plan, self.length_N, per_token={
+            "tokens": self.tokens_NS, "labels": self.labels_NS, "loss_mask": self.loss_mask_NS})
 
 
 def tokenize_sft(examples: Sequence[SFTExample], tokenizer: PreTrainedTokenizerBase,
@@ -174,12 +183,13 @@ def tokenize_sft(examples: Sequence[SFTExample], tokenizer: PreTrainedTokenizerB
     completions = tokenizer([e.completion for e in examples], add_special_tokens=False)[
         "input_ids"]
 
-    rows, masks, shortest = [], [], None
+    rows, masks, lengths, shortest = [], [], [], None
     for prompt_ids, completion_ids in zip(prompts, completions):
         ids = head + prompt_ids + completion_ids + [eos]
         if len(ids) > seq_length + 1:
             shortest = len(ids) if shortest is None else min(shortest, len(ids))
             continue
+        lengths.append(len(ids) - 1)
         # Label j is ids[j + 1]: the first completion id is the label at position start - 1.
         start = max(len(head) + len(prompt_ids) - 1, 0)
         rows.append(ids + [pad] * (seq_length + 1 - len(ids)))
@@ -197,7 +207,7 @@ def tokenize_sft(examples: Sequence[SFTExample], tokenizer: PreTrainedTokenizerB
     ids_NL = torch.tensor(rows, dtype=torch.int64)  # L = S + 1
     return SFTDataset(tokens_NS=ids_NL[:, :-1].contiguous(), labels_NS=ids_NL[:, 1:].contiguous(),
                       loss_mask_NS=torch.tensor(masks, dtype=torch.float32),
-                      num_dropped=num_dropped)
+                      length_N=torch.tensor(lengths, dtype=torch.int64), num_dropped=num_dropped)
 
 
 def sft_datasets(data: DataConfig, tokenizer: PreTrainedTokenizerBase, *,
@@ -231,6 +241,10 @@ class StepBatch:
     data-parallel rank): the loss denominator, known without a collective."""
     epoch: int
     """Epoch the step's samples come from."""
+    padding_fraction: float
+    """Share of the step's computed positions (all ranks) that are padding."""
+    global_positions: int
+    """Positions of the step's samples over all ranks, padding excluded."""
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> list[int]:
@@ -256,12 +270,13 @@ class SFTBatchSource:
     (D = dp_size), Megatron's layout, so the global batch does not depend on D.
     """
 
-    def __init__(self, dataset: SFTDataset, *, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int) -> None:
+    def __init__(self, dataset: SFTDataset, *, global_batch_size: int,
+                 micro_batching: MicroBatching, dp_rank: int, dp_size: int, seed: int) -> None:
         """Args:
             dataset: The tokenized samples.
             global_batch_size: G, samples per optimizer step over all ranks.
-            micro_batch_size: B, samples per forward/backward on one rank.
+            micro_batching: B (samples per forward/backward on one rank) or a token budget,
+                packing, and the length multiple.
             dp_rank: This rank's data-parallel index in [0, dp_size).
             dp_size: D, the data-parallel size.
             seed: Seed of the sample order (the same on every rank).
@@ -271,6 +286,7 @@ class SFTBatchSource:
         """
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank}, dp_size={dp_size}: need 0 <= dp_rank < dp_size")
+        micro_batch_size = micro_batching.micro_batch_size
         if micro_batch_size < 1:
             raise ValueError(f"train.micro_batch_size={micro_batch_size}: must be >= 1")
         per_round = micro_batch_size * dp_size
@@ -283,11 +299,10 @@ class SFTBatchSource:
                              f"{len(dataset)} samples of the data set")
         self.dataset = dataset
         self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
+        self.micro_batching = micro_batching
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.seed = seed
-        self.num_micro_batches = global_batch_size // per_round
         self._epoch = 0
         self._epoch_consumed = 0
         self._consumed = 0
@@ -306,13 +321,16 @@ class SFTBatchSource:
             self._epoch_consumed = 0
         start = self._epoch_consumed
         index_G = self._permutation(self._epoch)[start:start + self.global_batch_size]
-        micro_batches = [self.dataset.batch(index_B) for index_B in rank_microbatches(
-            index_G, self.micro_batch_size, self.dp_rank, self.dp_size)]
+        plans = plan_microbatches(index_G.tolist(), self.dataset.length_N[index_G].tolist(),
+                                  self.dp_size, self.micro_batching)
+        micro_batches = [self.dataset.batch(plan) for plan in plans[self.dp_rank]]
         global_loss_tokens = int(self.dataset.loss_mask_NS[index_G].sum().item())
         self._epoch_consumed += self.global_batch_size
         self._consumed += self.global_batch_size
+        lengths = dict(zip(index_G.tolist(), self.dataset.length_N[index_G].tolist()))
         return StepBatch(micro_batches=micro_batches, global_loss_tokens=global_loss_tokens,
-                         epoch=self._epoch)
+                         epoch=self._epoch, padding_fraction=padding_fraction(plans, lengths),
+                         global_positions=sum(lengths.values()))
 
     def __iter__(self) -> Iterator[StepBatch]:
         while True:

@@ -6,7 +6,8 @@ Layer L1 (the model is any module called as GPTModel is). Two steps:
 - `loss_step`: the GRPO loss through `grpo_token_loss` (fused kernel where built), whose
   per-token output is aggregated with the weights of grpo/loss.py.
 Under tensor parallelism the logits are this rank's vocabulary shard; the op all-reduces its
-per-row statistics over the TP group (and only those).
+per-row statistics over the TP group (and only those). Batches arrive on the model's device
+(megatron_r1.schedule moves them), padded [B, L] or packed [1, T] with `packed_seq_params`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ import torch.distributed as dist
 from megatron_r1.config.schema import GRPOConfig
 from megatron_r1.ops import grpo_token_loss
 
-Batch = dict[str, torch.Tensor]
+Batch = dict[str, Any]
+
+
+def _logits(batch: Batch, model: torch.nn.Module) -> torch.Tensor:
+    return model(batch["tokens"], batch["position_ids"], None,
+                 packed_seq_params=batch.get("packed_seq_params"))
 
 
 def _vocab_start(logits_BSV: torch.Tensor, tp_group: dist.ProcessGroup | None) -> int:
@@ -38,14 +44,15 @@ def _score_loss(batch: Batch, temperature: float, fused: str, tp_group: Any,
         tp_group=tp_group, vocab_start=_vocab_start(logits_BSV, tp_group))
     mask = batch["loss_mask"]
     return (torch.zeros((), device=logits_BSV.device), mask.sum().to(torch.int),
-            {"rows": batch["rows"], "logp": out.logp.float() * mask})
+            {"logp": out.logp.float() * mask})
 
 
 def score_step(temperature: float, fused: str, tp_group: Any) -> Any:
-    """forward_step returning each label's log-prob (masked positions 0) per micro-batch."""
+    """forward_step returning each label's log-prob (masked positions 0) per micro-batch, in
+    the micro-batch's own layout (batching.split_rows gives it back per row)."""
     def step(batch: Batch, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-        logits = model(batch["tokens"], batch["position_ids"], None)
-        return logits, functools.partial(_score_loss, batch, temperature, fused, tp_group)
+        return _logits(batch, model), functools.partial(_score_loss, batch, temperature, fused,
+                                                        tp_group)
     return step
 
 
@@ -85,6 +92,6 @@ LOSS_METRICS = ["loss", "kl", "clip_fraction", "entropy", "ratio_mean", "sampler
 def loss_step(grpo: GRPOConfig, temperature: float, tp_group: Any) -> Any:
     """forward_step of one GRPO training micro-batch."""
     def step(batch: Batch, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-        logits = model(batch["tokens"], batch["position_ids"], None)
-        return logits, functools.partial(_grpo_loss, batch, grpo, temperature, tp_group)
+        return _logits(batch, model), functools.partial(_grpo_loss, batch, grpo, temperature,
+                                                        tp_group)
     return step

@@ -1,25 +1,29 @@
 """A rollout as training tensors, its random split into mini-batches, and micro-batch dicts.
 
 Layer L1. Sequence layout is Megatron's (the same as SFT): ids = prompt + completion, model
-input `tokens = ids[:-1]`, `labels = ids[1:]`, padded to S; label position t holds the
-log-probs of token t + 1, and `loss_mask` is 1 exactly on labels that are completion tokens
-(including the end-of-sequence id the engine sampled). The sampler's log-probs are placed on
-the same positions.
+input `tokens = ids[:-1]`, `labels = ids[1:]`; label position t holds the log-probs of token
+t + 1, and `loss_mask` is 1 exactly on labels that are completion tokens (including the
+end-of-sequence id the engine sampled). The sampler's log-probs are placed on the same
+positions. Rows are padded only to the rollout's longest row (`length_R` says how many
+positions each uses); micro-batches then take their own longest row, or pack
+(megatron_r1.batching).
 
 The rollout of R = P x G outputs is permuted at random (seeded by the run seed and the rollout
 index) and cut into R / global_batch_size mini-batches, one optimizer step each (R1's
-schedule); within a mini-batch, ranks take Megatron's slices (megatron_r1.batching).
+schedule); within a mini-batch, megatron_r1.batching plans each rank's micro-batches.
 
-Shapes: R rollout rows, S positions, B micro-batch rows.
+Shapes: R rollout rows, S positions of the longest row, B micro-batch rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from megatron_r1.batching import Batch, MicroBatchPlan, build_microbatch
 from megatron_r1.grpo.loss import LossAggregation, token_weights
 from megatron_r1.rollout.types import Completion
 
@@ -34,6 +38,8 @@ class RolloutTensors:
     """float32: 1 on completion labels."""
     sampler_logp_RS: torch.Tensor
     """float32: the engine's log-prob of each completion label (0 elsewhere)."""
+    length_R: torch.Tensor
+    """Positions each row uses: prompt + completion - 1 (the rest is padding)."""
     prompt_len_R: torch.Tensor
     completion_len_R: torch.Tensor
     prompt_index_R: torch.Tensor
@@ -45,40 +51,61 @@ class RolloutTensors:
 
 def pack_rollout(prompts: Sequence[Sequence[int]], groups: Sequence[Sequence[Completion]],
                  seq_length: int, pad_id: int) -> RolloutTensors:
-    """Lay out every (prompt, completion) pair as one row, group by group.
+    """Lay out every (prompt, completion) pair as one row, group by group, padded to the
+    longest row.
 
     Raises:
         ValueError: if a prompt plus its completion needs more than seq_length + 1 ids (the
             caller sizes max_new_tokens so that this cannot happen).
     """
-    rows = sum(len(g) for g in groups)
-    tokens = torch.full((rows, seq_length), pad_id, dtype=torch.int64)
-    labels = torch.full((rows, seq_length), pad_id, dtype=torch.int64)
-    mask = torch.zeros(rows, seq_length, dtype=torch.float32)
-    sampler = torch.zeros(rows, seq_length, dtype=torch.float32)
+    pairs = [(p, prompt, c) for p, (prompt, group) in enumerate(zip(prompts, groups))
+             for c in group]
+    for _, prompt, completion in pairs:
+        if len(prompt) + len(completion.token_ids) > seq_length + 1:
+            raise ValueError(f"prompt ({len(prompt)} ids) + completion "
+                             f"({len(completion.token_ids)} ids) exceed data.seq_length + 1 "
+                             f"= {seq_length + 1}")
+    rows = len(pairs)
+    width = max((len(prompt) + len(c.token_ids) - 1 for _, prompt, c in pairs), default=1)
+    tokens = torch.full((rows, width), pad_id, dtype=torch.int64)
+    labels = torch.full((rows, width), pad_id, dtype=torch.int64)
+    mask = torch.zeros(rows, width, dtype=torch.float32)
+    sampler = torch.zeros(rows, width, dtype=torch.float32)
+    length = torch.zeros(rows, dtype=torch.int64)
     prompt_len = torch.zeros(rows, dtype=torch.int64)
     completion_len = torch.zeros(rows, dtype=torch.int64)
     prompt_index = torch.zeros(rows, dtype=torch.int64)
-    r = 0
-    for p, (prompt, group) in enumerate(zip(prompts, groups)):
-        for completion in group:
-            ids = [*prompt, *completion.token_ids]
-            if len(ids) > seq_length + 1:
-                raise ValueError(f"prompt ({len(prompt)} ids) + completion "
-                                 f"({len(completion.token_ids)} ids) exceed data.seq_length + 1 "
-                                 f"= {seq_length + 1}")
-            n = len(ids) - 1
-            tokens[r, :n] = torch.tensor(ids[:-1])
-            labels[r, :n] = torch.tensor(ids[1:])
-            start, stop = len(prompt) - 1, len(prompt) - 1 + len(completion.token_ids)
-            mask[r, start:stop] = 1.0
-            sampler[r, start:stop] = torch.tensor(completion.logprobs, dtype=torch.float32)
-            prompt_len[r], completion_len[r], prompt_index[r] = (len(prompt),
-                                                                 len(completion.token_ids), p)
-            r += 1
+    for r, (p, prompt, completion) in enumerate(pairs):
+        ids = [*prompt, *completion.token_ids]
+        n = len(ids) - 1
+        tokens[r, :n] = torch.tensor(ids[:-1])
+        labels[r, :n] = torch.tensor(ids[1:])
+        start, stop = len(prompt) - 1, len(prompt) - 1 + len(completion.token_ids)
+        mask[r, start:stop] = 1.0
+        sampler[r, start:stop] = torch.tensor(completion.logprobs, dtype=torch.float32)
+        length[r], prompt_len[r], completion_len[r], prompt_index[r] = (
+            max(n, 1), len(prompt), len(completion.token_ids), p)
     return RolloutTensors(tokens_RS=tokens, labels_RS=labels, loss_mask_RS=mask,
-                          sampler_logp_RS=sampler, prompt_len_R=prompt_len,
+                          sampler_logp_RS=sampler, length_R=length, prompt_len_R=prompt_len,
                           completion_len_R=completion_len, prompt_index_R=prompt_index)
+
+
+def stored_rollout(columns: Mapping[str, np.ndarray]
+                   ) -> tuple[RolloutTensors, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A rollout read back from the experience store (megatron_r1.experience), with its
+    advantages [R] and old and reference log-probs [R, S]: what a training step needs."""
+    def t(name: str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(columns[name])).to(dtype)
+
+    prompt_len, completion_len = t("prompt_len", torch.int64), t("completion_len", torch.int64)
+    rollout = RolloutTensors(
+        tokens_RS=t("tokens", torch.int64), labels_RS=t("labels", torch.int64),
+        loss_mask_RS=t("loss_mask", torch.float32),
+        sampler_logp_RS=t("sampler_logp", torch.float32),
+        length_R=(prompt_len + completion_len - 1).clamp(min=1), prompt_len_R=prompt_len,
+        completion_len_R=completion_len, prompt_index_R=t("prompt_index", torch.int64))
+    return (rollout, t("advantage", torch.float32), t("old_logp", torch.float32),
+            t("ref_logp", torch.float32))
 
 
 def minibatch_order(rows: int, global_batch_size: int, *, seed: int,
@@ -91,30 +118,44 @@ def minibatch_order(rows: int, global_batch_size: int, *, seed: int,
     return list(torch.randperm(rows, generator=generator).split(global_batch_size))
 
 
-def microbatch(rollout: RolloutTensors, index_B: torch.Tensor, *,
-               advantages_R: torch.Tensor | None = None,
-               old_logp_RS: torch.Tensor | None = None, ref_logp_RS: torch.Tensor | None = None,
-               aggregation: LossAggregation = "seq_mean_token_mean",
-               max_new_tokens: int = 1) -> dict[str, torch.Tensor]:
-    """The tensors of rows `index_B` a forward step needs ([B, S] each, plus `count`).
+def score_microbatch(rollout: RolloutTensors, plan: MicroBatchPlan) -> Batch:
+    """A scoring micro-batch (log-probs only) of the plan's rows."""
+    return build_microbatch(plan, rollout.length_R, per_token={
+        "tokens": rollout.tokens_RS, "labels": rollout.labels_RS,
+        "loss_mask": rollout.loss_mask_RS, "sampler_logp": rollout.sampler_logp_RS})
 
-    Without advantages this is a scoring micro-batch (log-probs only); with them, a training
-    one, whose `weights` and `count` implement the loss aggregation (grpo/loss.py).
-    """
-    seq = rollout.tokens_RS.shape[1]
-    batch = {
-        "tokens": rollout.tokens_RS[index_B],
-        "labels": rollout.labels_RS[index_B],
-        "loss_mask": rollout.loss_mask_RS[index_B],
-        "position_ids": torch.arange(seq).repeat(index_B.numel(), 1),
-        "sampler_logp": rollout.sampler_logp_RS[index_B],
-        "rows": index_B,
-    }
-    if advantages_R is not None:
-        assert old_logp_RS is not None and ref_logp_RS is not None
-        weights, count = token_weights(batch["loss_mask"], aggregation, max_new_tokens)
-        batch.update(
-            advantages=advantages_R[index_B].unsqueeze(1).expand(-1, seq).contiguous(),
-            old_logp=old_logp_RS[index_B], ref_logp=ref_logp_RS[index_B],
-            weights=weights, count=count)
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """What a training micro-batch adds to a scoring one, for every row of the rollout."""
+
+    advantages_R: torch.Tensor
+    old_logp_RS: torch.Tensor
+    ref_logp_RS: torch.Tensor
+    weights_RS: torch.Tensor
+    """Each token's weight in the loss aggregation (grpo/loss.py)."""
+    counts_R: torch.Tensor
+    """Each row's share of the aggregation's denominator."""
+
+
+def train_inputs(rollout: RolloutTensors, advantages_R: torch.Tensor, old_logp_RS: torch.Tensor,
+                 ref_logp_RS: torch.Tensor, aggregation: LossAggregation,
+                 max_new_tokens: int) -> TrainInputs:
+    """The per-row training tensors, with the loss aggregation's weights and counts."""
+    weights, counts = token_weights(rollout.loss_mask_RS, aggregation, max_new_tokens)
+    return TrainInputs(advantages_R=advantages_R, old_logp_RS=old_logp_RS,
+                       ref_logp_RS=ref_logp_RS, weights_RS=weights, counts_R=counts)
+
+
+def train_microbatch(rollout: RolloutTensors, plan: MicroBatchPlan, inputs: TrainInputs) -> Batch:
+    """A training micro-batch: the scoring tensors plus advantages (broadcast over each row's
+    positions), old/reference log-probs, the aggregation's `weights` and the rows' `count`."""
+    batch = build_microbatch(
+        plan, rollout.length_R,
+        per_token={"tokens": rollout.tokens_RS, "labels": rollout.labels_RS,
+                   "loss_mask": rollout.loss_mask_RS, "sampler_logp": rollout.sampler_logp_RS,
+                   "old_logp": inputs.old_logp_RS, "ref_logp": inputs.ref_logp_RS,
+                   "weights": inputs.weights_RS},
+        per_row={"advantages": inputs.advantages_R})
+    batch["count"] = inputs.counts_R[batch["rows"]].sum()
     return batch

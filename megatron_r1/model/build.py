@@ -3,8 +3,8 @@
 Layer L2. One GPTModel per virtual-pipeline chunk of this rank (one chunk without interleaving).
 Layer specs come from megatron-core (`get_gpt_decoder_block_spec`, which places the dense
 first layers, MoE layers and this stage's slice); on the local (non-TE) path the torch norms
-are swapped for the sequence-parallel-aware ones (norm.py), and MLA gets a core attention
-that accepts its distinct value head size (attention.py). Counting parameters on the meta
+are swapped for the sequence-parallel-aware ones (norm.py), and the core attention for one
+that takes packed sequences and, for MLA, a distinct value head size (attention.py). Counting parameters on the meta
 device uses the same builder, so a count can never drift from the model that trains.
 """
 
@@ -22,7 +22,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron_r1.config.schema import ModelConfig, ParallelConfig
 from megatron_r1.layout import padded_vocab_size
-from megatron_r1.model.attention import LatentDotProductAttention
+from megatron_r1.model.attention import LatentDotProductAttention, PackedDotProductAttention
 from megatron_r1.model.norm import SequenceParallelTorchNorm
 from megatron_r1.model.transformer_config import build_transformer_config, use_transformer_engine
 from megatron_r1.parallel.init import ParallelContext
@@ -46,11 +46,11 @@ def _swap_modules(spec: object, swaps: dict[type, type]) -> object:
 
 def _local_spec_swaps(model: ModelConfig) -> dict[type, type]:
     """Local-spec modules replaced by ours: torch norms that support sequence parallelism
-    (norm.py) and, for MLA, a core attention that accepts a distinct value head size."""
-    swaps: dict[type, type] = {WrappedTorchNorm: SequenceParallelTorchNorm}
-    if model.multi_latent_attention:
-        swaps[DotProductAttention] = LatentDotProductAttention
-    return swaps
+    (norm.py) and a core attention that takes packed sequences and, for MLA, a distinct
+    value head size (attention.py)."""
+    attention = (LatentDotProductAttention if model.multi_latent_attention
+                 else PackedDotProductAttention)
+    return {WrappedTorchNorm: SequenceParallelTorchNorm, DotProductAttention: attention}
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, ctx: ParallelContext, *,

@@ -9,6 +9,9 @@ Layer L2. The one place where our field names meet megatron's. Choices made here
 - `calculate_per_token_loss=True`: the loss denominator is the number of loss tokens of the
   whole step (all micro-batches, all data-parallel ranks), summed by megatron's schedule and
   finalize_model_grads, not a mean of per-micro-batch means.
+- `variable_seq_lengths` with pipelining: each micro-batch is padded only to its own longest
+  row (megatron_r1.batching), so pipeline stages exchange activation shapes before the
+  activations; off where the layout needs one shape per step (Layout.uniform_microbatch_shapes).
 """
 
 from __future__ import annotations
@@ -103,7 +106,10 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, layou
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         calculate_per_token_loss=True,
-        mtp_num_layers=model.mtp_num_layers or None,
+        variable_seq_lengths=layout.pipeline > 1 and not layout.uniform_microbatch_shapes,
+        # megatron rejects variable shapes with its default (allgather) dispatcher even for
+        # dense models, which have no dispatcher at all
+        moe_token_dispatcher_type=parallel.moe_token_dispatcher if model.is_moe else "alltoall",
     )
     if model.recompute != "none":
         kwargs["recompute_granularity"] = model.recompute
@@ -128,7 +134,6 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, layou
             moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,
             moe_router_dtype=model.moe_router_dtype,
-            moe_token_dispatcher_type=parallel.moe_token_dispatcher,
             moe_grouped_gemm=use_te,
         )
     if not model.multi_latent_attention:

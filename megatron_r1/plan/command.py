@@ -64,8 +64,6 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16")
     p.add_argument("--rollout-overhead", type=_size, default=parse_size("3GB"), metavar="SIZE",
                    help="awake engine beyond weights and KV: CUDA graphs, workspace (3GB)")
-    p.add_argument("--ref-on-gpu", action="store_true",
-                   help="keep the reference model on the GPU in every phase")
     p.add_argument("--first-stage-layers", type=int, default=None, metavar="N",
                    help="plan an uneven pipeline: layers of the first stage (overrides "
                         "parallel.first_stage_layers and parallel.last_stage_layers)")
@@ -95,7 +93,7 @@ def options_from_args(cfg: Config, args: argparse.Namespace) -> PlanOptions:
         attention=attention,
         rollout_concurrency=args.rollout_concurrency,
         rollout_weights=weights, kv_cache_bytes=1 if args.kv_cache_dtype == "fp8" else 2,
-        rollout_overhead=args.rollout_overhead, ref_on_gpu=args.ref_on_gpu)
+        rollout_overhead=args.rollout_overhead)
 
 
 def configured_candidate(cfg: Config, gpus: int, first: int | None = None,
@@ -115,9 +113,6 @@ def configured_candidate(cfg: Config, gpus: int, first: int | None = None,
 
 def run_plan(cfg: Config, args: argparse.Namespace) -> int:
     """Print the plan of the configured layout and the ranked layouts; return the exit code."""
-    if cfg.model.mtp_num_layers and cfg.parallel.pipeline > 1:
-        raise ValueError("model.mtp_num_layers > 0 with parallel.pipeline > 1 is not planned "
-                         "yet (the last stage also holds an embedding copy for MTP)")
     options = options_from_args(cfg, args)
     cand = configured_candidate(cfg, args.gpus, args.first_stage_layers, args.last_stage_layers)
 

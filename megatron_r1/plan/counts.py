@@ -53,8 +53,6 @@ class ShardCounts:
     (with tied embeddings a single stage shares the embedding and holds nothing here)."""
     tied_single_stage: bool
     """Tied embeddings: a one-stage model holds the head in the embedding."""
-    mtp: PartCount
-    """Multi-token-prediction block(s) (last stage)."""
     layer_kinds: tuple[LayerKind, ...]
     """The kind of every layer of the real model, in order."""
 
@@ -66,7 +64,7 @@ class ShardCounts:
         if first:
             count = count + self.embedding
         if last:
-            count = count + self.final_norm + self.mtp
+            count = count + self.final_norm
             if not (first and self.tied_single_stage):
                 count = count + self.output_layer
         return count

@@ -2,19 +2,28 @@
 
 Layer L0 (pure). Parameter counts come in measured (megatron_r1.plan.params); this module
 turns them into bytes per pipeline stage (every rank of a stage holds the same: TP shards
-and EP ranks are equal by construction) for the three phases a colocated step goes through:
+and EP ranks are equal by construction) for the three phases a colocated step goes through.
+What leaves the GPU is exactly what the config switches on, and nothing the trainer does not
+build (tests/test_plan.py ties each assumption to its field):
 
 - train: policy weights, fp32 gradient buffers (megatron DDP with grad_reduce_in_fp32),
   optimizer states (fp32 master weights for 16-bit models + Adam moments), sharded over the
   data-parallel ranks (dense part: DP x CP; routed experts: expert-DP) by the distributed
-  optimizer; activations of the in-flight micro-batches; the rollout engine sleeps.
+  optimizer; activations of the in-flight micro-batches; the reference model's weights unless
+  grpo.offload_reference keeps them on the host; the rollout engine sleeps
+  (rollout.sleep_level: its weights on the host, or dropped).
 - logprob: old/reference log-probs without gradients: weights, the reference copy, one
-  micro-batch's forward; gradients and optimizer states are still on the host.
+  micro-batch's forward, plus gradients and optimizer states unless
+  rollout.offload_train_state moved them off the GPU after the previous rollout's last step.
 - rollout: the engine is awake and takes `gpu_memory_utilization` of the GPU for its weights
   (at the inference TP, FP8 where the policy trains in FP8), its KV cache and workspace; the
-  trainer keeps only its weights (gradients and optimizer states offloaded to the host).
+  trainer keeps its weights, plus gradients and optimizer states unless
+  rollout.offload_train_state, plus the reference model unless grpo.offload_reference.
 
-A fixed reserve per GPU covers the CUDA context, NCCL communicators and allocator slack.
+Host memory holds what is offloaded: the optimizer states (gradient buffers are freed, not
+copied: they are zeroed before the next step anyway), the reference model, and the sleeping
+engine's weights at sleep_level 1. A fixed reserve per GPU covers the CUDA context, NCCL
+communicators and allocator slack.
 """
 
 from __future__ import annotations
@@ -97,9 +106,6 @@ class PlanOptions:
     kv_cache_bytes: int = 2
     rollout_overhead: float = 3.0e9
     """Bytes per GPU of an awake engine beyond weights and KV (CUDA graphs, workspace)."""
-    ref_on_gpu: bool = False
-    """Keep the reference model's weights on the GPU in every phase (else only while the
-    reference log-probs are computed; on the host otherwise)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +125,8 @@ class StageMemory:
     logprob: float
     rollout: float
     rollout_residual: float
-    """What the trainer keeps on the GPU while the engine is awake (weights, reserve)."""
+    """What the trainer keeps on the GPU while the engine is awake (weights, reserve, and
+    whatever the config does not offload)."""
     host: float
     """Host bytes this GPU's offloaded state takes at the peak."""
 
@@ -161,6 +168,8 @@ class Plan:
     stages: list[StageMemory]
     rollout: RolloutMemory
     options: PlanOptions
+    offloaded: tuple[str, ...] = ()
+    """What the config moves off the GPU between phases (the plan counts nothing else)."""
     problems: list[str] = field(default_factory=list)
     """Why it does not fit (empty: it fits)."""
 
@@ -229,13 +238,19 @@ def plan_layout(cfg: Config, c: Candidate, options: PlanOptions, counts_fn: Coun
     opt_bytes = (8 if cfg.optim.optimizer == "adam" else 4) + (4 if w_bytes == 2 else 0)
     shard_dense = dp * c.context if cfg.parallel.distributed_optimizer else 1
     shard_expert = edp if cfg.parallel.distributed_optimizer else 1
+    # The largest micro-batch: micro_batch_size rows of full length, or with a token budget
+    # as many full-length rows as the budget holds (packing never exceeds it either).
+    budget = cfg.train.max_tokens_per_microbatch
+    rows = cfg.train.micro_batch_size if budget is None else max(1, budget // cfg.data.seq_length)
     shape = MicroBatchShape(
-        micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.data.seq_length,
+        micro_batch_size=rows, seq_length=cfg.data.seq_length,
         tensor=c.tensor, context=c.context, expert_tensor=c.expert_tensor,
         sequence_parallel=c.tensor > 1, act_bytes=w_bytes, attention=options.attention,
         moe_imbalance=options.moe_imbalance)
     rollout = rollout_memory(cfg, c.rollout_tensor, options, counts_fn)
     uses_ref = cfg.grpo.kl_coef > 0
+    offload_train = cfg.rollout.offload_train_state
+    offload_ref = cfg.grpo.offload_reference
 
     stages = []
     for stage, layers in enumerate(stage_layers(model.num_layers, c)):
@@ -247,16 +262,18 @@ def plan_layout(cfg: Config, c: Candidate, options: PlanOptions, counts_fn: Coun
         train_act, forward_act = _stage_activations(model, counts, layers, shape, c, stage,
                                                     microbatches, vocab)
         reference = weights if uses_ref else 0.0
-        ref_resident = reference if options.ref_on_gpu else 0.0
+        ref_resident = 0.0 if offload_ref else reference  # outside its own log-prob pass
+        train_resident = 0.0 if offload_train else grads + optimizer  # outside training
         train = weights + fp8_cache + grads + optimizer + train_act + ref_resident
-        logprob = weights + fp8_cache + reference + forward_act
+        logprob = weights + fp8_cache + reference + forward_act + train_resident
         # vLLM takes its whole gpu_memory_utilization share when it wakes (KV fills the rest)
         engine = max(cfg.rollout.gpu_memory_utilization * options.gpu_memory,
                      rollout.weights + rollout.kv_needed + options.rollout_overhead)
-        residual = weights + ref_resident + options.reserve
-        ref_host = 0.0 if options.ref_on_gpu else reference
+        residual = weights + ref_resident + train_resident + options.reserve
+        ref_host = reference if offload_ref else 0.0
+        optimizer_host = optimizer if offload_train else 0.0
         engine_host = rollout.weights if cfg.rollout.sleep_level == 1 else 0.0
-        host = max(grads + optimizer + ref_host, engine_host + ref_host)
+        host = max(optimizer_host, engine_host) + ref_host
         stages.append(StageMemory(
             stage=stage, layers=layers, params=params, weights=weights,
             fp8_weight_cache=fp8_cache, grads=grads, optimizer=optimizer,
@@ -264,8 +281,13 @@ def plan_layout(cfg: Config, c: Candidate, options: PlanOptions, counts_fn: Coun
             logprob=logprob + options.reserve, rollout=residual + engine,
             rollout_residual=residual, host=host))
     plan = Plan(candidate=c, data=dp, expert_data=edp, num_microbatches=microbatches,
-                micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.data.seq_length,
-                stages=stages, rollout=rollout, options=options)
+                micro_batch_size=rows, seq_length=cfg.data.seq_length,
+                stages=stages, rollout=rollout, options=options,
+                offloaded=tuple(name for name, on in (
+                    ("optimizer states and gradients (rollout.offload_train_state)",
+                     offload_train),
+                    ("reference model (grpo.offload_reference)", offload_ref and uses_ref),
+                ) if on))
     _check(plan, cfg)
     return plan
 
@@ -321,7 +343,8 @@ def _check(plan: Plan, cfg: Config) -> None:
     worst_residual = max(s.rollout_residual for s in plan.stages)
     if worst_residual + cfg.rollout.gpu_memory_utilization * mem > mem:
         plan.problems.append(
-            f"rollout: the trainer keeps {_gb(worst_residual)} (weights + reserve) while the "
+            f"rollout: the trainer keeps {_gb(worst_residual)} (weights, reserve and what is "
+            "not offloaded) while the "
             f"engine may take gpu_memory_utilization={cfg.rollout.gpu_memory_utilization} x "
             f"{_gb(mem)}; lower rollout.gpu_memory_utilization to "
             f"{(mem - worst_residual) / mem:.2f} or less")

@@ -155,8 +155,6 @@ def _measure(model: ModelConfig, tensor: int, expert: int, expert_tensor: int) -
                 key = "final_norm"
             elif name.startswith("output_layer."):
                 key = "output_layer"
-            elif name.startswith("mtp."):
-                key = "mtp"
             else:
                 raise RuntimeError(f"parameter {name!r} belongs to no part the planner knows")
             parts.setdefault(key, []).append((name, param))
@@ -173,6 +171,6 @@ def _measure(model: ModelConfig, tensor: int, expert: int, expert_tensor: int) -
     return ShardCounts(
         tensor=tensor, expert=expert, expert_tensor=expert_tensor, embedding=embedding,
         layers=layers, final_norm=_count(parts.get("final_norm", [])), output_layer=output,
-        tied_single_stage=model.tie_embeddings, mtp=_count(parts.get("mtp", [])),
+        tied_single_stage=model.tie_embeddings,
         layer_kinds=tuple(_kind(f) for f in moe_layer_pattern(model)))
 

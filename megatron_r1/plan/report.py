@@ -64,8 +64,9 @@ def format_plan(plan: Plan, title: str) -> str:
             f"{gb(s.logprob):>7} {gb(s.rollout):>7} | {gb(s.peak):>6}")
     lines += [
         f"  phases include the {gb(o.reserve)} GB reserve; weights include the FP8 weight "
-        "cache when model.fp8 is set; ref = reference model (on the GPU only for the "
-        "reference log-probs" + (", kept there: --ref-on-gpu)" if o.ref_on_gpu else ")"),
+        "cache when model.fp8 is set; ref = reference model; offloaded between phases: "
+        + (", ".join(plan.offloaded) or "nothing (rollout.offload_train_state and "
+                                         "grpo.offload_reference are off)"),
         f"  activations: micro-batches of {plan.micro_batch_size} x {plan.seq_length} tokens, "
         f"{min(plan.num_microbatches, c.pipeline)} in flight on stage 0, recompute={c.recompute}, "
         f"attention={o.attention}, MoE imbalance x{o.moe_imbalance}",

@@ -32,6 +32,15 @@ from megatron_r1.config import load_config
     (["parallel.tensor=0"], r"parallel.tensor=0: must be > 0"),
     (["checkpoint.keep_last=-1"], r"checkpoint.keep_last=-1: must be >= 0"),
     (["data.seq_length=8192"], r"data.seq_length=8192: exceeds model.max_position_embeddings=4096"),
+    (["rollout.temperature=0"], r"rollout.temperature=0.0: must be > 0: the GRPO loss"),
+    (["model.mtp_num_layers=1"], r"model.mtp_num_layers=1: multi-token prediction is not built yet"),
+    (["train.max_tokens_per_microbatch=64"], r"train.max_tokens_per_microbatch=64: must be >= data.seq_length=128"),
+    (["data.eval_fraction=0.1"], r"data.eval_fraction=0.1: applies to data.source=jsonl only"),
+    (["data.source=jsonl", "data.path=x.jsonl", "data.eval_fraction=1.0"], r"data.eval_fraction=1.0: must be in \[0, 1\)"),
+    (["data.source=jsonl", "data.path=x.jsonl", "data.eval_path=y.jsonl", "data.eval_fraction=0.1"],
+     r"data.eval_fraction=0.1: cannot be combined with data.eval_path"),
+    (["rollout.engine=vllm"], r"rollout.engine"),
+    (["optim.initial_loss_scale=0"], r"optim.initial_loss_scale=0.0: must be > 0"),
 ])
 def test_invalid_values_fail_with_the_key_and_value(overrides, message):
     with pytest.raises(ValueError, match=message):

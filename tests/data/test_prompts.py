@@ -1,12 +1,17 @@
-"""GRPO prompts from a JSONL file: math and code prompts, templated and tokenized, no held-out
-split (an empty split must not reach the tokenizer, which raises on an empty batch)."""
+"""GRPO prompts from a JSONL file: math and code prompts, templated and tokenized; held-out
+prompts from data.eval_path or a seeded data.eval_fraction of the file (the same lines SFT
+holds out), none without either (an empty split must not reach the tokenizer, which raises
+on an empty batch)."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from megatron_r1.config.schema import DataConfig
 from megatron_r1.data.prompts import prompt_splits
+from megatron_r1.data.sft import sft_examples
 from megatron_r1.data.template import render_prompt
 
 
@@ -24,3 +29,34 @@ def test_jsonl_prompts_are_templated_and_tokenized(tmp_path, arithmetic_tokenize
     for q in train:
         assert q.prompt == render_prompt(q.question, "r1_zero")
         assert list(q.prompt_ids) == arithmetic_tokenizer(q.prompt)["input_ids"]
+
+
+def test_held_out_prompts_from_a_fraction_or_a_file(tmp_path, arithmetic_tokenizer):
+    path = tmp_path / "prompts.jsonl"
+    records = [{"prompt": f"Compute {i} + 1", "answer": str(i + 1), "completion": "x"}
+               for i in range(20)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = DataConfig(source="jsonl", path=str(path), eval_fraction=0.25, seed=3)
+    train, held_out = prompt_splits(data, arithmetic_tokenizer)
+    assert (len(train), len(held_out)) == (15, 5)
+    assert {q.question for q in train}.isdisjoint(q.question for q in held_out)
+    assert [q.question for q in prompt_splits(data, arithmetic_tokenizer)[1]] == [
+        q.question for q in held_out]  # deterministic under data.seed
+    other = DataConfig(source="jsonl", path=str(path), eval_fraction=0.25, seed=4)
+    assert [q.question for q in prompt_splits(other, arithmetic_tokenizer)[1]] != [
+        q.question for q in held_out]
+    # SFT reading the same file holds out the same lines
+    _, sft_held_out = sft_examples(DataConfig(source="jsonl", path=str(path), eval_fraction=0.25,
+                                              seed=3, template="none"), seed=0)
+    assert [e.prompt for e in sft_held_out] == [q.question for q in held_out]
+    # a separate held-out file
+    eval_path = tmp_path / "eval.jsonl"
+    eval_path.write_text(json.dumps({"prompt": "Compute 9 + 9", "answer": "18"}) + "\n")
+    data = DataConfig(source="jsonl", path=str(path), eval_path=str(eval_path))
+    train, held_out = prompt_splits(data, arithmetic_tokenizer)
+    assert len(train) == 20 and [q.answer for q in held_out] == ["18"]
+    tiny = tmp_path / "one.jsonl"
+    tiny.write_text(json.dumps(records[0]) + "\n")
+    with pytest.raises(ValueError, match=r"data.eval_fraction=0.25 of the 1 records .* holds out 0"):
+        prompt_splits(DataConfig(source="jsonl", path=str(tiny), eval_fraction=0.25),
+                      arithmetic_tokenizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -11,6 +12,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from megatron_r1.batching import MicroBatching, MicroBatchPlan
 from megatron_r1.config.schema import DataConfig
 from megatron_r1.data.sft import (
     SFTBatchSource,
@@ -111,8 +113,11 @@ def test_sample_layout_and_loss_mask(arithmetic_tokenizer: PreTrainedTokenizerFa
     assert tok.decode(learned, skip_special_tokens=True) == example.completion
     assert tok.decode(data.tokens_NS[0][: start + 1].tolist(), skip_special_tokens=True) == (
         example.prompt)
-    batch = data.batch(torch.tensor([0, 0]))
+    assert data.length_N.tolist() == [len(ids) - 1]
+    batch = data.batch(MicroBatchPlan((0, 0), length=seq))
     assert torch.equal(batch["position_ids"], torch.arange(seq).repeat(2, 1))
+    trimmed = data.batch(MicroBatchPlan((0,), length=len(ids) - 1))  # its own longest row
+    assert trimmed["tokens"][0].tolist() == ids[:-1] and trimmed["loss_mask"].sum() == mask.sum()
 
 
 def test_too_long_examples_are_dropped_counted_and_logged(
@@ -149,10 +154,12 @@ def test_default_arithmetic_examples_all_fit(arithmetic_tokenizer: PreTrainedTok
 
 
 def _dataset(n: int, seq: int = 6) -> SFTDataset:
-    """Row i is recognisable: tokens = 100 i + position, a per-row number of loss tokens."""
+    """Row i is recognisable: tokens = 100 i + position, a per-row number of loss tokens; every
+    row uses all seq positions."""
     tokens = torch.arange(seq).repeat(n, 1) + 100 * torch.arange(n)[:, None]
     mask = (torch.arange(seq)[None, :] < (torch.arange(n)[:, None] % seq + 1)).float()
-    return SFTDataset(tokens_NS=tokens, labels_NS=tokens + 1, loss_mask_NS=mask, num_dropped=0)
+    return SFTDataset(tokens_NS=tokens, labels_NS=tokens + 1, loss_mask_NS=mask,
+                      length_N=torch.full((n,), seq), num_dropped=0)
 
 
 def _flat(lists: list[list[int]]) -> list[int]:
@@ -161,7 +168,7 @@ def _flat(lists: list[list[int]]) -> list[int]:
 
 def _indices(step: StepBatch) -> list[int]:
     """The sample rows of one rank's step, in micro-batch order."""
-    return _flat([mb["sample_index"].tolist() for mb in step.micro_batches])
+    return _flat([mb["rows"].tolist() for mb in step.micro_batches])
 
 
 def _global_order(steps: list[list[StepBatch]]) -> list[list[int]]:
@@ -171,15 +178,15 @@ def _global_order(steps: list[list[StepBatch]]) -> list[list[int]]:
         order = []
         for m in range(len(per_rank[0].micro_batches)):
             for rank_step in per_rank:
-                order += rank_step.micro_batches[m]["sample_index"].tolist()
+                order += rank_step.micro_batches[m]["rows"].tolist()
         out.append(order)
     return out
 
 
 def _run(data: SFTDataset, dp_size: int, steps: int, seed: int = 0, gbs: int = 8,
          mbs: int = 2) -> list[list[StepBatch]]:
-    sources = [SFTBatchSource(data, global_batch_size=gbs, micro_batch_size=mbs, dp_rank=r,
-                              dp_size=dp_size, seed=seed) for r in range(dp_size)]
+    sources = [SFTBatchSource(data, global_batch_size=gbs, micro_batching=MicroBatching(mbs),
+                              dp_rank=r, dp_size=dp_size, seed=seed) for r in range(dp_size)]
     return [[s.next_step() for s in sources] for _ in range(steps)]
 
 
@@ -204,7 +211,7 @@ def test_micro_batches_hold_the_indexed_rows() -> None:
     step = _run(data, 2, 1, mbs=2, gbs=8)[0][1]
     assert len(step.micro_batches) == 2
     for mb in step.micro_batches:
-        index = mb["sample_index"]
+        index = mb["rows"]
         assert mb["tokens"].shape == (2, 6)
         assert torch.equal(mb["tokens"], data.tokens_NS[index])
         assert torch.equal(mb["labels"], data.labels_NS[index])
@@ -234,7 +241,7 @@ def test_resume_continues_the_uninterrupted_stream(dp_before: int, dp_after: int
     data = _dataset(37)
     straight = _global_order(_run(data, dp_after, 11))
 
-    before = [SFTBatchSource(data, global_batch_size=8, micro_batch_size=2, dp_rank=r,
+    before = [SFTBatchSource(data, global_batch_size=8, micro_batching=MicroBatching(2), dp_rank=r,
                              dp_size=dp_before, seed=0) for r in range(dp_before)]
     for _ in range(5):  # stop mid-epoch 1
         for s in before:
@@ -244,7 +251,7 @@ def test_resume_continues_the_uninterrupted_stream(dp_before: int, dp_after: int
     assert state == {"epoch": 1, "epoch_consumed_samples": 8, "consumed_samples": 40, "seed": 0,
                      "num_samples": 37}
 
-    after = [SFTBatchSource(data, global_batch_size=8, micro_batch_size=2, dp_rank=r,
+    after = [SFTBatchSource(data, global_batch_size=8, micro_batching=MicroBatching(2), dp_rank=r,
                             dp_size=dp_after, seed=0) for r in range(dp_after)]
     for s in after:
         s.load_state_dict(state)
@@ -255,15 +262,15 @@ def test_resume_continues_the_uninterrupted_stream(dp_before: int, dp_after: int
 
 
 def test_load_state_dict_rejects_another_stream() -> None:
-    source = SFTBatchSource(_dataset(37), global_batch_size=8, micro_batch_size=2, dp_rank=0,
+    source = SFTBatchSource(_dataset(37), global_batch_size=8, micro_batching=MicroBatching(2), dp_rank=0,
                             dp_size=1, seed=0)
     state = source.state_dict()
     with pytest.raises(ValueError, match=r"saved seed=0 differs from this run's seed=1"):
-        SFTBatchSource(_dataset(37), global_batch_size=8, micro_batch_size=2, dp_rank=0,
+        SFTBatchSource(_dataset(37), global_batch_size=8, micro_batching=MicroBatching(2), dp_rank=0,
                        dp_size=1, seed=1).load_state_dict(state)
     with pytest.raises(ValueError, match=r"saved num_samples=37 differs from this run's "
                                          r"num_samples=40"):
-        SFTBatchSource(_dataset(40), global_batch_size=8, micro_batch_size=2, dp_rank=0,
+        SFTBatchSource(_dataset(40), global_batch_size=8, micro_batching=MicroBatching(2), dp_rank=0,
                        dp_size=1, seed=0).load_state_dict(state)
     with pytest.raises(ValueError, match=r"missing key 'epoch'"):
         source.load_state_dict({k: v for k, v in state.items() if k != "epoch"})
@@ -283,5 +290,28 @@ def test_load_state_dict_rejects_another_stream() -> None:
      r"train.micro_batch_size=0: must be >= 1"),
 ])
 def test_batch_source_rejects_bad_layouts(kwargs: dict[str, int], message: str) -> None:
+    how = MicroBatching(kwargs.pop("micro_batch_size"))
     with pytest.raises(ValueError, match=message):
-        SFTBatchSource(_dataset(37), seed=0, **kwargs)
+        SFTBatchSource(_dataset(37), seed=0, micro_batching=how, **kwargs)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_token_budget_keeps_the_global_batch_and_the_loss_denominator(pack: bool) -> None:
+    data = _dataset(37, seq=12)
+    data = dataclasses.replace(data, length_N=torch.arange(37) % 12 + 1)  # varied lengths
+    fixed = _run(data, 2, 3)
+    how = MicroBatching(2, max_tokens=16, pack=pack)
+    sources = [SFTBatchSource(data, global_batch_size=8, micro_batching=how, dp_rank=r,
+                              dp_size=2, seed=0) for r in range(2)]
+    budget = [[s.next_step() for s in sources] for _ in range(3)]
+    for by_fixed, by_budget in zip(fixed, budget):
+        assert sorted(_flat([_indices(s) for s in by_fixed])) == sorted(
+            _flat([_indices(s) for s in by_budget]))  # the same samples in the step
+        assert by_fixed[0].global_loss_tokens == by_budget[0].global_loss_tokens
+        assert len(by_budget[0].micro_batches) == len(by_budget[1].micro_batches)
+        for mb in (mb for s in by_budget for mb in s.micro_batches):
+            assert mb["tokens"].numel() <= 16
+            if not pack:  # padded only to its own longest row
+                assert mb["tokens"].shape[1] == int(mb["lengths"].max())
+        if pack:
+            assert by_budget[0].padding_fraction == 0.0

@@ -1,20 +1,23 @@
 """Test support: one GRPO optimizer step on a fixed synthetic rollout, at any layout.
 
 The rollout (tokens, completion lengths, advantages, old and reference log-probs) is drawn
-from a fixed seed, so every layout and micro-batch split trains on the same numbers; prints
-the step's loss, KL and grad norm as JSON (rank 0)."""
+from a fixed seed, so every layout, micro-batch split, token budget and packing trains on the
+same numbers; prints the step's loss, KL, grad norm and the padding fraction as JSON (rank
+0), and, with SCORE=1 in the environment, every row's log-probs under the initial weights."""
 
 import json
+import os
 import sys
 
 import torch
 
-from megatron_r1.batching import rank_microbatches
+from megatron_r1.batching import padding_fraction, plan_microbatches
 from megatron_r1.config import load_config
 from megatron_r1.grpo import forward
-from megatron_r1.grpo.rollout_batch import microbatch, pack_rollout
+from megatron_r1.grpo.rollout_batch import pack_rollout, train_inputs, train_microbatch
+from megatron_r1.grpo_trainer import collect_on_rank0, score_rows
 from megatron_r1.rollout.types import Completion
-from megatron_r1.session import end_session, start_session
+from megatron_r1.session import end_session, micro_batching, start_session
 from megatron_r1.train_step import train_step
 
 ROWS, PROMPT = 16, 6
@@ -25,6 +28,7 @@ if __name__ == "__main__":
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 500, (PROMPT,), generator=g).tolist() for _ in range(ROWS)]
     lengths = torch.randint(1, 20, (ROWS,), generator=g).tolist()
+    lengths[3] = 40  # one long row, as in R1's long-tailed responses
     groups = [[Completion(tuple(torch.randint(3, 500, (n,), generator=g).tolist()),
                           (0.0,) * n, "", "stop")] for n in lengths]
     rollout = pack_rollout(prompts, groups, cfg.data.seq_length, pad_id=0)
@@ -32,13 +36,20 @@ if __name__ == "__main__":
     old = -3 + 0.5 * torch.randn(rollout.tokens_RS.shape, generator=g)
     ref = old + 0.1 * torch.randn(rollout.tokens_RS.shape, generator=g)
     ctx = session.ctx
-    batches = [microbatch(rollout, idx, advantages_R=adv, old_logp_RS=old, ref_logp_RS=ref,
-                          aggregation=cfg.grpo.loss_aggregation, max_new_tokens=20)
-               for idx in rank_microbatches(torch.arange(ROWS), cfg.train.micro_batch_size,
-                                            ctx.dp_rank, ctx.layout.data)]
+    how = micro_batching(cfg, ctx.layout)
+    plans = plan_microbatches(range(ROWS), rollout.length_R.tolist(), ctx.layout.data, how)
+    result = {"padding_fraction": padding_fraction(plans, dict(enumerate(
+        rollout.length_R.tolist()))), "microbatches": len(plans[ctx.dp_rank])}
+    if os.environ.get("SCORE"):
+        scores = collect_on_rank0(score_rows(session.model, rollout, plans[ctx.dp_rank],
+                                             session, 1.0), session)
+        result["logp"] = {r: v.tolist() for r, v in sorted(scores.items())}
+    inputs = train_inputs(rollout, adv, old, ref, cfg.grpo.loss_aggregation, max_new_tokens=40)
+    batches = [train_microbatch(rollout, plan, inputs) for plan in plans[ctx.dp_rank]]
     step = forward.loss_step(cfg.grpo, 1.0, ctx.tp_group)
-    result = train_step(session.model, session.optimizer, session.scheduler, batches, step,
-                        forward.LOSS_METRICS, ctx, seq_length=cfg.data.seq_length)
+    out = train_step(session.model, session.optimizer, session.scheduler, batches, step,
+                     forward.LOSS_METRICS, ctx)
+    result.update({k: out.metrics[k] for k in ("loss", "kl", "grad_norm")})
     if ctx.rank == 0:
-        print("RESULT " + json.dumps({k: result.metrics[k] for k in ("loss", "kl", "grad_norm")}))
+        print("RESULT " + json.dumps(result))
     end_session(session)

@@ -57,6 +57,20 @@ if __name__ == "__main__":
         except SyncCheckError as err:
             report["tripped"] = True
             report["message"] = str(err)
+
+        def poisoned(model, ctx):  # one tensor of the stream NaN: the engine scores NaN
+            for i, bucket in enumerate(original(model, ctx)):
+                if i == 0 and bucket:
+                    name, tensor = bucket[0]
+                    bucket = [(name, torch.full_like(tensor, float("nan"))), *bucket[1:]]
+                yield bucket
+
+        stage.export.hf_buckets = poisoned
+        try:
+            sync_weights(stage)
+            report["tripped_nan"] = False
+        except SyncCheckError as err:
+            report["tripped_nan"] = "up to inf nats" in str(err)
         stage.export.hf_buckets = original
         sync_weights(stage)
         report["restored"] = check_sync(stage)["sync/max_logp_diff"]

