@@ -20,12 +20,10 @@ the step time, against the device's dense bf16 peak (H100/H200 SXM: 989.5 TFLOPS
     python benchmarks/bench_trainer_gpu.py --config mid       # a ~1.2B-parameter MoE
     python benchmarks/bench_trainer_gpu.py --device cpu --steps 1   # the code path, on CPU
 
-On the lent GPU machine (Python 3.12, CUDA torch, no network) carry the wheels the package
-imports besides torch: megatron-core (2.4 MB), transformers, tokenizers, safetensors,
-huggingface_hub, zarr, numcodecs, donfig, crc32c, pyyaml, tqdm, psutil, math-verify,
-antlr4-python3-runtime, latex2sympy2_extended, sympy (pip download --python-version 3.12
---only-binary=:all: ...), install them with --no-deps, build the extension
-(pip install --no-build-isolation --no-deps -e .), then run with --config tiny and mid.
+On the lent GPU machine (Python 3.12, CUDA torch, no network): `bash benchmarks/gpu_wheels.sh`
+here downloads what the package imports besides torch (35 MB, the .venv's versions); carry
+gpu_wheels/ and run the one command its header gives (install, build the extension, the gpu
+tests, then this script with --config tiny and mid).
 Writes benchmarks/results/trainer_<device>_<time>.csv and prints RESULT lines.
 """
 
@@ -60,7 +58,7 @@ from megatron_r1.grpo.rollout_batch import (  # noqa: E402
     train_inputs,
     train_microbatch,
 )
-from megatron_r1.grpo_trainer import REF_MODEL, _dense, _reference_models, score_rows  # noqa: E402
+from megatron_r1.logprobs import REF_MODEL, dense, reference_models, score_rows  # noqa: E402
 from megatron_r1.model.build import count_parameters  # noqa: E402
 from megatron_r1.model.weights import copy_weights  # noqa: E402
 from megatron_r1.session import end_session, micro_batching, start_session  # noqa: E402
@@ -159,7 +157,7 @@ def main() -> int:
         "optim.lr_warmup_steps=0", f"logging.run_dir={run_dir}", "logging.tensorboard=false",
         f"parallel.backend={'nccl' if args.device == 'cuda' else 'gloo'}", *args.overrides])
     os.environ.setdefault("MASTER_PORT", "29547")
-    session = start_session(cfg, extra_models=_reference_models(cfg))
+    session = start_session(cfg, extra_models=reference_models(cfg))
     ctx = session.ctx
     ref_model = session.extra_models[REF_MODEL]
     copy_weights(session.model, ref_model)
@@ -210,8 +208,8 @@ def main() -> int:
     report("grpo_logprob", logp_s, all_lengths, train_flops(cfg, activated, all_lengths) / 3)
     shape = rollout.tokens_RS.shape
     gen = torch.Generator().manual_seed(0)
-    inputs = train_inputs(rollout, torch.randn(rows, generator=gen), _dense(old, shape),
-                          _dense(ref, shape), cfg.grpo.loss_aggregation, seq)
+    inputs = train_inputs(rollout, torch.randn(rows, generator=gen), dense(old, shape),
+                          dense(ref, shape), cfg.grpo.loss_aggregation, seq)
     loss_step = forward.loss_step(cfg.grpo, 1.0, ctx.tp_group)
     times, metrics = [], {}
     for m, per_step in enumerate(plans):

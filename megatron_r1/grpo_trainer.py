@@ -31,13 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_r1.batching import (
-    MicroBatching,
-    MicroBatchPlan,
-    padding_fraction,
-    plan_microbatches,
-    split_rows,
-)
+from megatron_r1.batching import MicroBatching, padding_fraction, plan_microbatches
 from megatron_r1.config import Config
 from megatron_r1.data.prompts import PromptExample, prompt_splits
 from megatron_r1.evaluation import evaluate, reward_sample
@@ -48,12 +42,11 @@ from megatron_r1.grpo.rollout_batch import (
     RolloutTensors,
     minibatch_order,
     pack_rollout,
-    score_microbatch,
     train_inputs,
     train_microbatch,
 )
 from megatron_r1.hf_export import EngineExport
-from megatron_r1.model.build import build_model
+from megatron_r1.logprobs import REF_MODEL, collect_on_rank0, dense, reference_models, score_rows
 from megatron_r1.model.weights import copy_weights
 from megatron_r1.offload import ModelOffload, TrainStateOffload
 from megatron_r1.optim import gather_updated_params
@@ -61,19 +54,11 @@ from megatron_r1.plot import plot_grpo_curves
 from megatron_r1.reward.code import SandboxUnavailable, check_sandbox
 from megatron_r1.reward.scoring import RewardScorer, code_limits, reward_components
 from megatron_r1.rollout.types import Completion, RolloutEngine, SamplingConfig
-from megatron_r1.schedule import forward_backward
-from megatron_r1.session import (
-    Session,
-    end_session,
-    micro_batching,
-    run_tokenizer,
-    start_session,
-)
+from megatron_r1.session import Session, end_session, micro_batching, run_tokenizer, start_session
 from megatron_r1.train_step import NonFiniteGuard, train_step
 
 log = logging.getLogger(__name__)
 
-REF_MODEL = "ref_model"
 ENGINE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """The engine computes in the policy's dtype (model.params_dtype)."""
 
@@ -120,40 +105,6 @@ class Stage:
         else:
             with self.ref_offload.on_device():
                 yield
-
-
-# ------------------------------------------------------------------ trainer-side log-probs
-def score_rows(model: list[torch.nn.Module], rollout: RolloutTensors,
-               plans: list[MicroBatchPlan], session: Session,
-               temperature: float) -> dict[int, torch.Tensor]:
-    """Per-token log-probs (host, float32 [length_R[r]]) of the planned micro-batches' rows
-    under `model`, forward only; known on last-stage ranks, empty elsewhere. Collective."""
-    cfg, ctx = session.cfg, session.ctx
-    step = forward.score_step(temperature, cfg.grpo.fused_loss, ctx.tp_group)
-    batches = [score_microbatch(rollout, plan) for plan in plans]
-    with torch.no_grad():
-        for chunk in model:
-            chunk.eval()
-        outputs = forward_backward(model, batches, step, ctx, forward_only=True)
-        for chunk in model:
-            chunk.train()
-    scores: dict[int, torch.Tensor] = {}
-    for batch, out in zip(batches, outputs):
-        rows = split_rows(out["logp"].float().cpu(), batch)
-        scores.update(zip(batch["rows"].tolist(), rows))
-    return scores
-
-
-def collect_on_rank0(local: dict[int, torch.Tensor], session: Session) -> dict[int, torch.Tensor]:
-    """Merge every last-stage rank's {row: tensor} on global rank 0. Collective."""
-    ctx = session.ctx
-    mine = local if (ctx.is_last_stage and ctx.tp_rank == 0) else {}
-    gathered: list[Any] = [None] * dist.get_world_size() if ctx.rank == 0 else []
-    dist.gather_object(mine, gathered if ctx.rank == 0 else None, dst=0)
-    merged: dict[int, torch.Tensor] = {}
-    for part in gathered:
-        merged.update(part or {})
-    return merged
 
 
 # ------------------------------------------------------------------ weight sync
@@ -278,7 +229,7 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
         with stage.reference_on_device():
             ref = score_rows(stage.ref_model, rollout, all_mine, session, temperature)
     shape = rollout.tokens_RS.shape
-    inputs = train_inputs(rollout, adv.advantages_R, _dense(old, shape), _dense(ref, shape),
+    inputs = train_inputs(rollout, adv.advantages_R, dense(old, shape), dense(ref, shape),
                           cfg.grpo.loss_aggregation, cfg.rollout.max_new_tokens)
     timings["time/logp_s"] = time.perf_counter() - start
     lengths = dict(enumerate(rollout.length_R.tolist()))
@@ -328,8 +279,8 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
             "tokens": _widen(rollout.tokens_RS, width),
             "labels": _widen(rollout.labels_RS, width),
             "loss_mask": _widen(rollout.loss_mask_RS, width).bool(),
-            "old_logp": _widen(_dense(old0, shape), width),
-            "ref_logp": _widen(_dense(ref0, shape), width),
+            "old_logp": _widen(dense(old0, shape), width),
+            "ref_logp": _widen(dense(ref0, shape), width),
             "sampler_logp": _widen(rollout.sampler_logp_RS, width), "reward": rewards.total_N,
             "advantage": adv.advantages_R,
             **{f"reward_{k}": v for k, v in rewards.components_N.items()},
@@ -355,33 +306,12 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
     return step
 
 
-def _dense(rows: dict[int, torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    """[R, S] with the given rows' values at their first positions, zeros elsewhere."""
-    out = torch.zeros(shape)
-    for r, value in rows.items():
-        out[r, :value.numel()] = value
-    return out
-
-
 def _widen(values_RS: torch.Tensor, width: int) -> torch.Tensor:
     """[R, width]: rows padded with zeros (the experience store's fixed data.seq_length)."""
     return torch.nn.functional.pad(values_RS, (0, width - values_RS.shape[1]))
 
 
 # ------------------------------------------------------------------ the stage
-def _reference_models(cfg: Config):  # type: ignore[no-untyped-def]
-    if cfg.grpo.kl_coef == 0:
-        return None
-
-    def build(ctx: Any) -> dict[str, list[torch.nn.Module]]:
-        chunks = build_model(cfg.model, cfg.parallel, ctx, perform_initialization=False)
-        for chunk in chunks:
-            chunk.requires_grad_(False)
-            chunk.eval()
-        return {REF_MODEL: list(chunks)}
-    return build
-
-
 def _probe_sequences(prompts: list[PromptExample], count: int, tokenizer: Any) -> list[list[int]]:
     """Fixed sequences for the sync check: held-out prompts with a short continuation."""
     probes = []
@@ -396,7 +326,7 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
     """Start the session, the prompts, and on rank 0 the engine and the reward scorer (the
     experience store too when `training`); the engine holds dummy weights until the first
     `sync_weights`. Collective; pair with `close_stage`."""
-    session = start_session(cfg, extra_models=_reference_models(cfg) if training else None)
+    session = start_session(cfg, extra_models=reference_models(cfg) if training else None)
     ctx = session.ctx
     if session.extra_models and not session.resumed:
         copy_weights(session.model, session.extra_models[REF_MODEL])  # pi_ref = initial policy

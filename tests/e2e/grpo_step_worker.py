@@ -15,7 +15,7 @@ from megatron_r1.batching import padding_fraction, plan_microbatches
 from megatron_r1.config import load_config
 from megatron_r1.grpo import forward
 from megatron_r1.grpo.rollout_batch import pack_rollout, train_inputs, train_microbatch
-from megatron_r1.grpo_trainer import collect_on_rank0, score_rows
+from megatron_r1.logprobs import collect_on_rank0, score_rows
 from megatron_r1.rollout.types import Completion
 from megatron_r1.session import end_session, micro_batching, start_session
 from megatron_r1.train_step import train_step

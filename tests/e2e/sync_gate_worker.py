@@ -43,29 +43,25 @@ if __name__ == "__main__":
                                                                                len(engine.token_ids))
         original = stage.export.hf_buckets
 
-        def corrupted(model, ctx):  # one tensor of the stream scaled by 1.5
-            for i, bucket in enumerate(original(model, ctx)):
-                if i == 0 and bucket:
-                    name, tensor = bucket[0]
-                    bucket = [(name, tensor * 1.5), *bucket[1:]]
-                yield bucket
+        def corrupting(transform):
+            """The export with the first tensor of the stream passed through `transform`."""
+            def buckets(model, ctx):
+                for i, bucket in enumerate(original(model, ctx)):
+                    if i == 0 and bucket:
+                        name, tensor = bucket[0]
+                        bucket = [(name, transform(tensor)), *bucket[1:]]
+                    yield bucket
+            return buckets
 
-        stage.export.hf_buckets = corrupted
+        stage.export.hf_buckets = corrupting(lambda t: t * 1.5)
         try:
             sync_weights(stage)
             report["tripped"] = False
         except SyncCheckError as err:
             report["tripped"] = True
             report["message"] = str(err)
-
-        def poisoned(model, ctx):  # one tensor of the stream NaN: the engine scores NaN
-            for i, bucket in enumerate(original(model, ctx)):
-                if i == 0 and bucket:
-                    name, tensor = bucket[0]
-                    bucket = [(name, torch.full_like(tensor, float("nan"))), *bucket[1:]]
-                yield bucket
-
-        stage.export.hf_buckets = poisoned
+        # a NaN tensor: the engine scores NaN, which must fail the gate too
+        stage.export.hf_buckets = corrupting(lambda t: torch.full_like(t, float("nan")))
         try:
             sync_weights(stage)
             report["tripped_nan"] = False
