@@ -149,7 +149,8 @@ def _split_to(bins: list[list[int]], count: int) -> list[list[int]]:
 
 
 def plan_microbatches(index_G: Sequence[int], lengths_G: Sequence[int], dp_size: int,
-                      how: MicroBatching) -> list[list[MicroBatchPlan]]:
+                      how: MicroBatching, *,
+                      uniform_length: int | None = None) -> list[list[MicroBatchPlan]]:
     """Every data-parallel rank's micro-batches of one step (the same number on each rank).
 
     Args:
@@ -157,6 +158,9 @@ def plan_microbatches(index_G: Sequence[int], lengths_G: Sequence[int], dp_size:
         lengths_G: positions each row needs (>= 1), aligned with index_G.
         dp_size: data-parallel ranks.
         how: the micro-batching settings.
+        uniform_length: with how.uniform, the length every micro-batch takes (default: the
+            step's longest row); GRPO passes the rollout's longest, since one scoring pass
+            runs the micro-batches of every mini-batch.
 
     Raises:
         ValueError: for a step that does not split evenly over the ranks, or a row longer
@@ -180,7 +184,8 @@ def plan_microbatches(index_G: Sequence[int], lengths_G: Sequence[int], dp_size:
                     for mine in _deal_to_ranks(order, length_of, dp_size)]
         count = max(len(bins) for bins in per_rank)
         per_rank = [_split_to(bins, count) for bins in per_rank]
-    step_longest = _round_up(max(lengths), how.multiple_of)
+    step_longest = _round_up(max(lengths) if uniform_length is None else uniform_length,
+                             how.multiple_of)
 
     def plan(members: list[int]) -> MicroBatchPlan:
         if how.uniform:

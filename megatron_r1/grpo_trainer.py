@@ -131,7 +131,8 @@ def check_sync(stage: Stage) -> dict[str, float]:
     rollout = probe_rollout(stage.probes, cfg.data.seq_length)
     # one probe per micro-batch on every data-parallel rank: a plan like any other
     plans = plan_microbatches(range(len(stage.probes)), rollout.length_R.tolist(), 1,
-                              MicroBatching(1, multiple_of=stage.how.multiple_of))[0]
+                              MicroBatching(1, multiple_of=stage.how.multiple_of,
+                                            uniform=stage.how.uniform))[0]
     trainer = collect_on_rank0(score_rows(session.model, rollout, plans, session, 1.0), session)
     verdict: list[Any] = [None]
     if session.ctx.rank == 0:
@@ -219,7 +220,8 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
     minibatches = minibatch_order(len(rollout), cfg.train.global_batch_size,
                                   seed=cfg.train.seed, rollout_index=rollout_index)
     plans = [plan_microbatches(idx.tolist(), rollout.length_R[idx].tolist(), ctx.layout.data,
-                               stage.how) for idx in minibatches]
+                               stage.how, uniform_length=int(rollout.length_R.max()))
+             for idx in minibatches]
     mine = [every_rank[ctx.dp_rank] for every_rank in plans]
     all_mine = [plan for per_step in mine for plan in per_step]
     temperature = cfg.rollout.temperature

@@ -37,6 +37,9 @@ def test_without_a_budget_the_rows_are_megatrons_slices_trimmed_to_their_longest
     uniform = plan_microbatches(range(8), lengths, 2, MicroBatching(2, multiple_of=2,
                                                                     uniform=True))
     assert {p.length for rank in uniform for p in rank} == {10}
+    wider = plan_microbatches(range(8), lengths, 2, MicroBatching(2, multiple_of=2, uniform=True),
+                              uniform_length=13)  # e.g. the whole rollout's longest row
+    assert {p.length for rank in wider for p in rank} == {14}
 
 
 @pytest.mark.parametrize("pack", [False, True])

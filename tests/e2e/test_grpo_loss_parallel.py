@@ -84,6 +84,15 @@ def test_token_budget_and_packing_change_only_the_padding(tmp_path, initial, pad
         assert got["padding_fraction"] == 0.0  # (TP2 rounds each pack to an even length)
 
 
+def test_uniform_shapes_where_the_allgather_dispatcher_needs_them(tmp_path, initial, padded):
+    """megatron's allgather dispatcher with a pipeline: no shape exchange between stages, so
+    every micro-batch takes the step's longest row, and the results stay the padded ones."""
+    got = grpo_step(tmp_path, initial, 2, "parallel.pipeline=2", "train.micro_batch_size=4",
+                    "parallel.moe_token_dispatcher=allgather", score=True)
+    assert_same_step(got, padded)
+    assert got["padding_fraction"] == padded["padding_fraction"]
+
+
 @pytest.mark.parametrize(("dtype", "rtol"), [("bf16", 2**-8), ("fp16", 2**-10)])
 def test_16_bit_steps_match_fp32_within_their_precision(tmp_path, initial, padded, dtype,
                                                          rtol):
