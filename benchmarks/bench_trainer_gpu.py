@@ -37,6 +37,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -104,20 +105,14 @@ def sft_batches(rollout: RolloutTensors, plans: list[MicroBatchPlan]) -> list[di
 
 
 def timed(fn, device: str):  # type: ignore[no-untyped-def]
+    """(fn(), wall seconds), with the GPU's queued work finished on both sides."""
     if device == "cuda":
         torch.cuda.synchronize()
-    start = torch.cuda.Event(enable_timing=True) if device == "cuda" else None
-    end = torch.cuda.Event(enable_timing=True) if device == "cuda" else None
-    import time
-    t0 = time.perf_counter()
-    if start is not None:
-        start.record()
+    start = time.perf_counter()
     out = fn()
-    if end is not None:
-        end.record()
+    if device == "cuda":
         torch.cuda.synchronize()
-        return out, start.elapsed_time(end) / 1e3
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - start
 
 
 def main() -> int:
@@ -230,8 +225,7 @@ def main() -> int:
     end_session(session)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"trainer_{args.device}_{args.config}_{stamp}.csv"
-    fields = sorted({k for r in results for k in r}, key=lambda k: list(results[0]).index(k)
-                    if k in results[0] else 99)
+    fields = list(dict.fromkeys(k for r in results for k in r))  # every column, first seen first
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()

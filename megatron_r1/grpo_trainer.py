@@ -47,6 +47,7 @@ from megatron_r1.grpo.rollout_batch import (
 )
 from megatron_r1.hf_export import EngineExport
 from megatron_r1.logprobs import REF_MODEL, collect_on_rank0, dense, reference_models, score_rows
+from megatron_r1.model.transformer_config import TORCH_DTYPES
 from megatron_r1.model.weights import copy_weights
 from megatron_r1.offload import ModelOffload, TrainStateOffload
 from megatron_r1.optim import gather_updated_params
@@ -58,10 +59,6 @@ from megatron_r1.session import Session, end_session, micro_batching, run_tokeni
 from megatron_r1.train_step import NonFiniteGuard, train_step
 
 log = logging.getLogger(__name__)
-
-ENGINE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-"""The engine computes in the policy's dtype (model.params_dtype)."""
-
 
 class SyncCheckError(RuntimeError):
     """The engine's log-probs disagree with the trainer's after a weight sync."""
@@ -300,7 +297,7 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
         after.update(stage.train_offload.offload())
     if stage.ref_offload is not None:
         after.update({"offload/reference_gb": stage.ref_offload.nbytes / 1e9,
-                      "offload/reference_s": stage.ref_offload.seconds})
+                      "offload/reference_s": stage.ref_offload.pop_seconds()})
 
     # 7. weights to the engine, checked
     after.update(sync_weights(stage))
@@ -348,7 +345,7 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
 
         model_dir = export.write_engine_dir(session.run_dir / "engine_model")
         engine = VLLMEngine(model_dir, cfg.rollout, max_model_len=cfg.data.seq_length + 1,
-                            seed=cfg.train.seed, dtype=ENGINE_DTYPES[cfg.model.params_dtype],
+                            seed=cfg.train.seed, dtype=TORCH_DTYPES[cfg.model.params_dtype],
                             load_format="dummy")
         scorer = RewardScorer.from_config(cfg.reward, num_workers=cfg.reward.num_workers)
     if ctx.rank == 0 and training:

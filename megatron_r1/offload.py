@@ -171,6 +171,11 @@ class ModelOffload:
     def nbytes(self) -> int:
         return self._storage.nbytes
 
+    def pop_seconds(self) -> float:
+        """Seconds spent moving the weights since the last call (a rollout's worth)."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
     def offload(self) -> None:
         start = time.perf_counter()
         self._storage.offload()

@@ -35,11 +35,11 @@ class VLLMEngine:
     """A vLLM LLM in this process, loaded from a Hugging Face directory."""
 
     def __init__(self, model_dir: str | os.PathLike[str], rollout: RolloutConfig, *,
-                 max_model_len: int, seed: int, dtype: str,
+                 max_model_len: int, seed: int, dtype: torch.dtype,
                  load_format: str = "auto") -> None:
         """Args:
-            dtype: the engine's compute dtype ("float32", "bfloat16", "float16"): the policy's
-                (model.params_dtype), so that its log-probs compare with the trainer's.
+            dtype: the engine's compute dtype: the policy's (model.params_dtype), so that its
+                log-probs compare with the trainer's.
             load_format: "dummy" starts from random weights without reading files (the
                 trainer's first sync replaces them), "auto" loads model_dir's safetensors.
         """
@@ -52,7 +52,7 @@ class VLLMEngine:
         self._on_cuda = torch.cuda.is_available()
         kwargs: dict[str, Any] = dict(
             model=str(Path(model_dir)),
-            dtype=dtype,
+            dtype=str(dtype).removeprefix("torch."),  # "float32", "bfloat16", "float16"
             max_model_len=max_model_len,
             seed=seed,
             tensor_parallel_size=rollout.tensor_parallel,

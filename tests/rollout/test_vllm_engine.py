@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
     model = tiny_model(0)
     model.save_pretrained(root / "model")
     engine = VLLMEngine(root / "model", RolloutConfig(), max_model_len=128, seed=0,
-                        dtype="float32")
+                        dtype=torch.float32)
     yield engine, model, root
     engine.close()
 
