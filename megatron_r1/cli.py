@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from megatron_r1.config import Config, load_config
 from megatron_r1.layout import resolve_layout
+from megatron_r1.rollout.placement import resolve_placement
 
 log = logging.getLogger("megatron_r1")
 
@@ -115,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "check_world_size", None) is not None:
             resolve_layout(cfg.parallel, cfg.model, cfg.train, args.check_world_size,
                            cfg.data.seq_length)
+            if args.command in ("train", "eval", "sample"):  # the engine groups, on one node
+                resolve_placement(cfg.rollout, args.check_world_size, args.check_world_size)
             print(f"megatron-r1 {args.command}: config and layout valid for "
                   f"{args.check_world_size} process(es)")
             return 0

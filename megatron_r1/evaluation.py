@@ -53,11 +53,15 @@ def majority_vote(answers: Sequence[str | None]) -> int | None:
 
 def evaluate(engine: RolloutEngine, questions: Sequence[PromptExample], scorer: RewardScorer, *,
              k: int, temperature: float, top_p: float, max_new_tokens: int,
-             seed: int, target_language: Language = "en") -> EvalResult:
-    """Sample k outputs per question, score them, report pass@1 and cons@k."""
+             seed: int, target_language: Language = "en",
+             prompt_indices: Sequence[int] | None = None) -> EvalResult:
+    """Sample k outputs per question, score them, report pass@1 and cons@k.
+    `prompt_indices`: the questions' indices in the whole evaluation set (their sampling
+    seeds derive from them) when an engine evaluates a share of it."""
     groups = engine.generate([q.prompt_ids for q in questions],
                              SamplingConfig(n=k, temperature=temperature, top_p=top_p,
-                                            max_new_tokens=max_new_tokens, seed=seed))
+                                            max_new_tokens=max_new_tokens, seed=seed),
+                             prompt_indices=prompt_indices)
     texts = [c.text for g in groups for c in g]
     samples = [reward_sample(q, target_language) for q in questions for _ in range(k)]
     accuracy = scorer.score(texts, samples).components_N["accuracy"].view(len(questions), k)

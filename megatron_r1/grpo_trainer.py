@@ -5,24 +5,26 @@ outputs, cut at random into mini-batches of train.global_batch_size, one optimiz
 (R1's schedule: pi_old is the policy that sampled the rollout, so the importance ratio moves
 off 1 after the first mini-batch). The phases read top to bottom in `_rollout_iteration`.
 
-The rollout engine lives on rank 0 (colocated: it sleeps while the trainer runs); what it
-samples is broadcast, every rank packs the same rollout tensors (rows padded only to the
-rollout's longest), and megatron_r1.batching deals every mini-batch to the data-parallel ranks
-and cuts it into micro-batches (each padded to its own longest row, or packed). Every tensor
-is built on the host and meets the model on its device through megatron_r1.schedule; log-probs
-come back to the host, where they are compared with the engine's. After the last mini-batch
-the training state may leave the accelerator (rollout.offload_train_state), the weights go to
-the engine (gathered bucket by bucket) and the engine's log-probs of fixed probe sequences must
-match the trainer's, or the run stops; a non-finite step is skipped and counted.
+Rollout engines live beside the trainer ranks, one per engine group (rollout/placement.py;
+colocated: they sleep while the trainer runs). Each group's engine generates and scores its
+block of the rollout's prompts (rollout/dispatch.py); megatron_r1.batching plans every
+mini-batch's micro-batches for every data-parallel rank from the rows' lengths alone, and each
+rank then receives, as tensors, only the rows it trains. Every tensor is built on the host and
+meets the model on its device through megatron_r1.schedule; log-probs come back to the host.
+After the last mini-batch the training state may leave the accelerator
+(rollout.offload_train_state), the weights go to every engine group and every engine's
+log-probs of fixed probe sequences must match the trainer's, or the run stops
+(megatron_r1.weight_sync); a non-finite step is skipped and counted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,20 +33,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_r1.batching import MicroBatching, padding_fraction, plan_microbatches
+from megatron_r1.batching import MicroBatching, MicroBatchPlan, padding_fraction, plan_microbatches
 from megatron_r1.config import Config
 from megatron_r1.data.prompts import PromptExample, prompt_splits
-from megatron_r1.evaluation import evaluate, reward_sample
+from megatron_r1.evaluation import EvalResult, evaluate
 from megatron_r1.experience import ExperienceStore
 from megatron_r1.grpo import forward
-from megatron_r1.grpo.advantage import group_advantages
-from megatron_r1.grpo.rollout_batch import (
-    RolloutTensors,
-    minibatch_order,
-    pack_rollout,
-    train_inputs,
-    train_microbatch,
-)
+from megatron_r1.grpo.rollout_batch import minibatch_order, train_inputs, train_microbatch
 from megatron_r1.hf_export import EngineExport
 from megatron_r1.logprobs import REF_MODEL, collect_on_rank0, dense, reference_models, score_rows
 from megatron_r1.model.transformer_config import TORCH_DTYPES
@@ -54,25 +49,33 @@ from megatron_r1.optim import gather_updated_params
 from megatron_r1.plot import plot_grpo_curves
 from megatron_r1.reward.code import SandboxUnavailable, check_sandbox
 from megatron_r1.reward.scoring import RewardScorer, code_limits, reward_components
-from megatron_r1.rollout.types import Completion, RolloutEngine, SamplingConfig
+from megatron_r1.rollout import dispatch
+from megatron_r1.rollout.placement import Placement, resolve_placement, split_prompts
+from megatron_r1.rollout.types import RolloutEngine, SamplingConfig
 from megatron_r1.session import Session, end_session, micro_batching, run_tokenizer, start_session
 from megatron_r1.train_step import NonFiniteGuard, train_step
+from megatron_r1.weight_sync import SyncCheckError, check_engines, push_weights
 
 log = logging.getLogger(__name__)
 
-class SyncCheckError(RuntimeError):
-    """The engine's log-probs disagree with the trainer's after a weight sync."""
+__all__ = ["Stage", "SyncCheckError", "check_sync", "close_stage", "open_stage", "run_eval",
+           "run_grpo", "sync_weights"]
 
 
 @dataclass
 class Stage:
-    """What the loop carries besides the session (rank-0-only parts are None elsewhere)."""
+    """What the loop carries besides the session (engine and scorer exist on the engine
+    groups' leaders, the store on rank 0; None elsewhere)."""
 
     session: Session
     train_prompts: list[PromptExample]
     eval_prompts: list[PromptExample]
     probes: list[list[int]]
     export: EngineExport
+    placement: Placement
+    """The engine groups."""
+    dp_ranks: list[int]
+    """The data-parallel rank of every global rank (who trains which rows)."""
     engine: RolloutEngine | None
     scorer: RewardScorer | None
     store: ExperienceStore | None
@@ -106,49 +109,15 @@ class Stage:
 
 # ------------------------------------------------------------------ weight sync
 def sync_weights(stage: Stage) -> dict[str, float]:
-    """Push the policy to the engine, then check the engine against the trainer."""
-    start = time.perf_counter()
-    session = stage.session
-    gather_updated_params(session.model)  # type: ignore[arg-type]
-    buckets = stage.export.hf_buckets(session.model, session.ctx)
-    if stage.engine is not None:
-        stage.engine.update_weights(buckets)
-    else:
-        for _ in buckets:  # every bucket is collective: take part in each
-            pass
-    sync_s = time.perf_counter() - start
-    return {"time/sync_s": sync_s, **check_sync(stage)}
+    """Push the policy to every engine group, then check every engine against the trainer."""
+    return {**push_weights(stage.session, stage.export, stage.engine, stage.placement),
+            **check_sync(stage)}
 
 
 def check_sync(stage: Stage) -> dict[str, float]:
-    """The correctness gate: engine vs trainer log-probs on the probe sequences."""
-    session, cfg = stage.session, stage.cfg
-    if not stage.probes:
-        return {}
-    rollout = probe_rollout(stage.probes, cfg.data.seq_length)
-    # one probe per micro-batch on every data-parallel rank: a plan like any other
-    plans = plan_microbatches(range(len(stage.probes)), rollout.length_R.tolist(), 1,
-                              MicroBatching(1, multiple_of=stage.how.multiple_of,
-                                            uniform=stage.how.uniform))[0]
-    trainer = collect_on_rank0(score_rows(session.model, rollout, plans, session, 1.0), session)
-    verdict: list[Any] = [None]
-    if session.ctx.rank == 0:
-        assert stage.engine is not None
-        engine = stage.engine.score(stage.probes)
-        worst = 0.0
-        for i in range(len(stage.probes)):
-            gap = float((trainer[i] - engine[i]).abs().max())  # both on the host
-            worst = max(worst, gap) if math.isfinite(gap) else math.inf  # NaN fails too
-        verdict[0] = worst
-    dist.broadcast_object_list(verdict, src=0)
-    worst = float(verdict[0])
-    atol = sync_check_atol(cfg)
-    if not worst <= atol:
-        raise SyncCheckError(
-            f"after the weight sync the engine's log-probs differ from the trainer's by up to "
-            f"{worst:.3g} nats on the probe sequences (rollout.sync_check_atol={atol} for "
-            f"model.params_dtype={cfg.model.params_dtype}): the engine holds wrong weights")
-    return {"sync/max_logp_diff": worst}
+    """The correctness gate on every engine (megatron_r1.weight_sync.check_engines)."""
+    return check_engines(stage.session, stage.engine, stage.placement, stage.probes, stage.how,
+                         sync_check_atol(stage.cfg))
 
 
 def sync_check_atol(cfg: Config) -> float:
@@ -158,40 +127,34 @@ def sync_check_atol(cfg: Config) -> float:
     return 1e-3 if cfg.model.params_dtype == "fp32" else 0.5
 
 
-def probe_rollout(probes: list[list[int]], seq_length: int) -> RolloutTensors:
-    """Probe sequences as rollout rows whose every token after the first is scored."""
-    groups = [[Completion(token_ids=tuple(p[1:]), logprobs=(0.0,) * (len(p) - 1), text="",
-                          finish_reason="stop")] for p in probes]
-    return pack_rollout([p[:1] for p in probes], groups, seq_length, pad_id=0)
-
-
 # ------------------------------------------------------------------ one rollout
-def _sample(stage: Stage, rollout_index: int) -> tuple[list[PromptExample], Any]:
-    """Rank 0 samples and scores; everyone receives the result."""
+def _sample(stage: Stage, rollout_index: int) -> dispatch.Generated:
+    """Every engine group generates and scores its block of this rollout's prompts."""
     cfg = stage.cfg
-    p = cfg.grpo.prompts_per_rollout
     order = torch.randperm(len(stage.train_prompts),
                            generator=torch.Generator().manual_seed(cfg.data.seed + rollout_index))
-    prompts = [stage.train_prompts[int(i)] for i in order[:p]]
-    payload: list[Any] = [None]
-    if stage.session.ctx.rank == 0:
-        assert stage.engine is not None and stage.scorer is not None
-        start = time.perf_counter()
-        stage.engine.wake_up()
-        groups = stage.engine.generate(
-            [q.prompt_ids for q in prompts],
-            SamplingConfig(n=cfg.grpo.group_size, temperature=cfg.rollout.temperature,
-                           top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
-                           seed=cfg.train.seed * 7919 + rollout_index))
-        stage.engine.sleep()
-        generate_s = time.perf_counter() - start
-        texts = [c.text for g in groups for c in g]
-        samples = [reward_sample(q, cfg.reward.target_language)
-                   for q in prompts for _ in range(cfg.grpo.group_size)]
-        rewards = stage.scorer.score(texts, samples)
-        payload[0] = (groups, rewards, generate_s)
-    dist.broadcast_object_list(payload, src=0)
-    return prompts, payload[0]
+    prompts = [stage.train_prompts[int(i)] for i in order[:cfg.grpo.prompts_per_rollout]]
+    sampling = SamplingConfig(n=cfg.grpo.group_size, temperature=cfg.rollout.temperature,
+                              top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+                              seed=cfg.train.seed * 7919 + rollout_index)
+    return dispatch.generate_rollout(
+        stage.engine, stage.scorer, stage.placement, prompts, sampling,
+        components=[c.name for c in reward_components(cfg.reward)],
+        target_language=cfg.reward.target_language, std_normalize=cfg.grpo.std_normalize)
+
+
+def _rows_of(plans: list[list[list[MicroBatchPlan]]], dp_rank: int) -> list[int]:
+    """Every row a data-parallel rank trains in this rollout, in plan order."""
+    return [r for every_rank in plans for plan in every_rank[dp_rank] for r in plan.rows]
+
+
+def _localize(plan: MicroBatchPlan, index: dict[int, int]) -> MicroBatchPlan:
+    """The plan over this rank's rows (local indices) instead of the rollout's."""
+    return dataclasses.replace(plan, rows=tuple(index[r] for r in plan.rows))
+
+
+def _globalize(scores: dict[int, torch.Tensor], rows: Sequence[int]) -> dict[int, torch.Tensor]:
+    return {rows[i]: value for i, value in scores.items()}
 
 
 def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *,
@@ -202,25 +165,29 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
     timings: dict[str, float] = {}
     sampled_at = step  # the policy version that samples this rollout
 
-    # 1. rollout and rewards (rank 0), broadcast
-    prompts, (groups, rewards, timings["time/generate_s"]) = _sample(stage, rollout_index)
-    rollout = pack_rollout([q.prompt_ids for q in prompts], groups, cfg.data.seq_length,
-                           pad_id=stage.export.pad_id)
+    # 1. rollout, rewards and group advantages: every engine group its block of prompts
+    generated = _sample(stage, rollout_index)
+    length_R = generated.length_R
+    width = int(length_R.max())
 
-    # 2. advantages
-    adv = group_advantages(rewards.total_N, rewards.components_N["accuracy"] > 0.5,
-                           cfg.grpo.group_size, std_normalize=cfg.grpo.std_normalize)
-
-    # 3. every rank's micro-batches of every mini-batch, then old (and reference) log-probs
-    #    of this rank's rows, before any update
+    # 2. every rank's micro-batches of every mini-batch (from the rows' lengths alone), then
+    #    this rank's rows, received from the engine groups that produced them
     start = time.perf_counter()
-    minibatches = minibatch_order(len(rollout), cfg.train.global_batch_size,
+    minibatches = minibatch_order(len(length_R), cfg.train.global_batch_size,
                                   seed=cfg.train.seed, rollout_index=rollout_index)
-    plans = [plan_microbatches(idx.tolist(), rollout.length_R[idx].tolist(), ctx.layout.data,
-                               stage.how, uniform_length=int(rollout.length_R.max()))
+    plans = [plan_microbatches(idx.tolist(), length_R[idx].tolist(), ctx.layout.data,
+                               stage.how, uniform_length=width)
              for idx in minibatches]
-    mine = [every_rank[ctx.dp_rank] for every_rank in plans]
+    local = dispatch.receive_rows(generated, [_rows_of(plans, dp) for dp in stage.dp_ranks],
+                                  width=width, group_size=cfg.grpo.group_size,
+                                  pad_id=stage.export.pad_id)
+    rollout, index = local.rollout, local.local_index()
+    mine = [[_localize(plan, index) for plan in every_rank[ctx.dp_rank]] for every_rank in plans]
     all_mine = [plan for per_step in mine for plan in per_step]
+    timings["time/dispatch_s"] = time.perf_counter() - start
+
+    # 3. old (and reference) log-probs of this rank's rows, before any update
+    start = time.perf_counter()
     temperature = cfg.rollout.temperature
     old = score_rows(session.model, rollout, all_mine, session, temperature)
     ref = old
@@ -228,18 +195,16 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
         with stage.reference_on_device():
             ref = score_rows(stage.ref_model, rollout, all_mine, session, temperature)
     shape = rollout.tokens_RS.shape
-    inputs = train_inputs(rollout, adv.advantages_R, dense(old, shape), dense(ref, shape),
-                          cfg.grpo.loss_aggregation, cfg.rollout.max_new_tokens)
+    inputs = train_inputs(rollout, local.scalars[:, 0].float(), dense(old, shape),
+                          dense(ref, shape), cfg.grpo.loss_aggregation,
+                          cfg.rollout.max_new_tokens)
     timings["time/logp_s"] = time.perf_counter() - start
-    lengths = dict(enumerate(rollout.length_R.tolist()))
+    lengths = dict(enumerate(length_R.tolist()))
 
     # 4. one optimizer step per mini-batch
     loss_step = forward.loss_step(cfg.grpo, temperature, ctx.tp_group)
     rollout_metrics = {
-        **rewards.metrics, **adv.metrics, **timings,
-        "response/length_mean": float(rollout.completion_len_R.float().mean()),
-        "response/truncated": float(sum(c.finish_reason == "length"
-                                        for g in groups for c in g) / len(rollout)),
+        **generated.metrics, **timings,
         "batch/padding_fraction": padding_fraction([p for m in plans for p in m], lengths),
         "batch/microbatches_per_step": len(all_mine) / len(minibatches),
         "rollout": float(rollout_index)}
@@ -263,26 +228,32 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
                **(rollout_metrics if m == 0 else {})}
         if row:
             session.metrics.log(step, row)
-        bar.set_postfix(reward=f"{rewards.metrics['reward/total_mean']:.2f}",
+        bar.set_postfix(reward=f"{generated.metrics['reward/total_mean']:.2f}",
                         kl=f"{result.metrics['kl']:.4f}")
         bar.update(1)
 
-    # 5. experience store (rank 0)
-    old0, ref0 = collect_on_rank0(old, session), collect_on_rank0(ref, session)
+    # 5. experience store: its one writer, rank 0, receives every row (the other ranks only
+    #    send what they hold)
+    old0 = collect_on_rank0(_globalize(old, local.rows), session)
+    ref0 = collect_on_rank0(_globalize(ref, local.rows), session)
+    everything = list(range(len(length_R)))
+    stored = dispatch.receive_rows(
+        generated, [everything if r == 0 else [] for r in range(len(stage.dp_ranks))],
+        width=width, group_size=cfg.grpo.group_size, pad_id=stage.export.pad_id)
     if stage.store is not None:
-        width = cfg.data.seq_length
+        assert stored.rows == everything  # leaders hold ascending blocks, sent in rank order
+        full, seq = stored.rollout, cfg.data.seq_length
+        names = dispatch.scalar_names([c.name for c in reward_components(cfg.reward)])
         columns = {
-            "rollout": torch.full((len(rollout),), rollout_index),
-            "prompt_index": rollout.prompt_index_R, "prompt_len": rollout.prompt_len_R,
-            "completion_len": rollout.completion_len_R,
-            "tokens": _widen(rollout.tokens_RS, width),
-            "labels": _widen(rollout.labels_RS, width),
-            "loss_mask": _widen(rollout.loss_mask_RS, width).bool(),
-            "old_logp": _widen(dense(old0, shape), width),
-            "ref_logp": _widen(dense(ref0, shape), width),
-            "sampler_logp": _widen(rollout.sampler_logp_RS, width), "reward": rewards.total_N,
-            "advantage": adv.advantages_R,
-            **{f"reward_{k}": v for k, v in rewards.components_N.items()},
+            "rollout": torch.full((len(full),), rollout_index),
+            "prompt_index": full.prompt_index_R, "prompt_len": full.prompt_len_R,
+            "completion_len": full.completion_len_R,
+            "tokens": _widen(full.tokens_RS, seq), "labels": _widen(full.labels_RS, seq),
+            "loss_mask": _widen(full.loss_mask_RS, seq).bool(),
+            "old_logp": _widen(dense(old0, full.tokens_RS.shape), seq),
+            "ref_logp": _widen(dense(ref0, full.tokens_RS.shape), seq),
+            "sampler_logp": _widen(full.sampler_logp_RS, seq),
+            **{name: stored.scalars[:, k].float() for k, name in enumerate(names)},
         }
         stage.store.append(sampled_at, columns)
 
@@ -299,7 +270,7 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
         after.update({"offload/reference_gb": stage.ref_offload.nbytes / 1e9,
                       "offload/reference_s": stage.ref_offload.pop_seconds()})
 
-    # 7. weights to the engine, checked
+    # 7. weights to every engine group, every engine checked
     after.update(sync_weights(stage))
     session.metrics.log(step, after)
     return step
@@ -322,11 +293,15 @@ def _probe_sequences(prompts: list[PromptExample], count: int, tokenizer: Any) -
 
 
 def open_stage(cfg: Config, *, training: bool = True) -> Stage:
-    """Start the session, the prompts, and on rank 0 the engine and the reward scorer (the
-    experience store too when `training`); the engine holds dummy weights until the first
-    `sync_weights`. Collective; pair with `close_stage`."""
+    """Start the session, the prompts, on every engine group's leader its engine and reward
+    scorer, and on rank 0 the experience store when `training`; engines hold dummy weights
+    until the first `sync_weights`. Collective; pair with `close_stage`."""
     session = start_session(cfg, extra_models=reference_models(cfg) if training else None)
     ctx = session.ctx
+    placement = resolve_placement(cfg.rollout, ctx.layout.world_size, ctx.launch.local_world_size)
+    group = placement.group_of(ctx.rank)
+    dp_ranks: list[Any] = [None] * ctx.layout.world_size
+    dist.all_gather_object(dp_ranks, ctx.dp_rank)
     if session.extra_models and not session.resumed:
         copy_weights(session.model, session.extra_models[REF_MODEL])  # pi_ref = initial policy
     tokenizer = run_tokenizer(session)
@@ -338,15 +313,17 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
                          f"{cfg.rollout.max_new_tokens}")
     export = EngineExport(cfg.model, tokenizer, bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
     engine = scorer = store = train_offload = ref_offload = None
-    if ctx.rank == 0 and any(q.tests for q in train_prompts + eval_prompts):
+    if ctx.rank == group.leader and any(q.tests for q in train_prompts + eval_prompts):
         _check_code_rewards(cfg)
-    if ctx.rank == 0:
-        from megatron_r1.rollout.vllm_engine import VLLMEngine
+    if ctx.rank == group.leader:
+        from megatron_r1.rollout.vllm_engine import VLLMEngine, engine_environment
 
-        model_dir = export.write_engine_dir(session.run_dir / "engine_model")
+        model_dir = export.write_engine_dir(session.run_dir / "engine_model" /
+                                            f"group{group.index}")
         engine = VLLMEngine(model_dir, cfg.rollout, max_model_len=cfg.data.seq_length + 1,
                             seed=cfg.train.seed, dtype=TORCH_DTYPES[cfg.model.params_dtype],
-                            load_format="dummy")
+                            load_format="dummy",
+                            env=engine_environment(group, ctx.launch, ctx.device))
         scorer = RewardScorer.from_config(cfg.reward, num_workers=cfg.reward.num_workers)
     if ctx.rank == 0 and training:
         store = ExperienceStore(session.run_dir / "experience.zarr", cfg.data.seq_length,
@@ -360,7 +337,8 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
         ref_offload = ModelOffload(session.extra_models[REF_MODEL], ctx.device)
         ref_offload.offload()
     return Stage(session=session, train_prompts=train_prompts, eval_prompts=eval_prompts,
-                 probes=probes, export=export, engine=engine, scorer=scorer, store=store,
+                 probes=probes, export=export, placement=placement, dp_ranks=dp_ranks,
+                 engine=engine, scorer=scorer, store=store,
                  how=micro_batching(cfg, ctx.layout), train_offload=train_offload,
                  ref_offload=ref_offload, guard=NonFiniteGuard(cfg.train.max_consecutive_nonfinite))
 
@@ -380,23 +358,35 @@ def _check_code_rewards(cfg: Config) -> None:
 
 
 def _evaluate(stage: Stage, step: int) -> dict[str, float]:
-    """Held-out pass@1 / cons@k on rank 0; logged and returned on every rank."""
+    """Held-out pass@1 / cons@k, every engine group on its block of the questions (seeds per
+    question, so the result does not depend on the engine count); logged and returned on
+    every rank."""
     cfg = stage.cfg
-    result: list[Any] = [None]
-    if stage.session.ctx.rank == 0 and stage.eval_prompts:
-        assert stage.engine is not None and stage.scorer is not None
+    k = cfg.eval.samples_per_question
+    blocks = split_prompts(len(stage.eval_prompts), len(stage.placement.groups))
+    block = blocks[stage.placement.group_of(stage.session.ctx.rank).index]
+    sums = torch.zeros(4, dtype=torch.float64)  # pass@1, cons@k, response tokens (x n), n
+    if stage.engine is not None and len(block):
+        assert stage.scorer is not None
         stage.engine.wake_up()
-        result[0] = evaluate(stage.engine, stage.eval_prompts, stage.scorer,
-                             k=cfg.eval.samples_per_question, temperature=cfg.eval.temperature,
-                             top_p=cfg.eval.top_p,
-                             max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                             seed=cfg.train.seed,
-                             target_language=cfg.reward.target_language).metrics()
+        part = evaluate(stage.engine, [stage.eval_prompts[i] for i in block], stage.scorer,
+                        k=k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                        max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                        seed=cfg.train.seed, target_language=cfg.reward.target_language,
+                        prompt_indices=list(block))
         stage.engine.sleep()
-    dist.broadcast_object_list(result, src=0)
-    metrics = result[0] or {}
-    if metrics:
-        stage.session.metrics.log(step, metrics)
+        n = part.questions
+        sums += torch.tensor([part.pass_at_1 * n, part.cons_at_k * n,
+                              part.mean_response_tokens * n, n], dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        sums = sums.to(dispatch.comm_device())
+        dist.all_reduce(sums)
+    total_pass, total_cons, total_tokens, n = sums.tolist()
+    if not n:
+        return {}
+    metrics = EvalResult(pass_at_1=total_pass / n, cons_at_k=total_cons / n, k=k,
+                         questions=int(n), mean_response_tokens=total_tokens / n).metrics()
+    stage.session.metrics.log(step, metrics)
     return metrics
 
 

@@ -88,13 +88,14 @@ class EngineExport:
         units = bind(self.family, expand_rules(self.family, self.map_ctx), self.map_ctx, table)
         return {unit.mcore: unit for unit in units}
 
-    def hf_buckets(self, model: list[torch.nn.Module],
-                   ctx: ParallelContext) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Buckets of (HF name, tensor) on rank 0, empty elsewhere; every rank must consume
-        the iterator (each bucket is collective)."""
+    def hf_buckets(self, model: list[torch.nn.Module], ctx: ParallelContext,
+                   **where: Any) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Buckets of (HF name, tensor) on the destination ranks (rank 0 unless `where` says
+        otherwise: resharding.gather.gather_buckets's keywords), empty elsewhere; every rank
+        must consume the iterator (each bucket is collective)."""
         if self._units is None:
             self._units = self._bind(model, ctx)
-        for bucket in gather_buckets(model, ctx, self.bucket_bytes):
+        for bucket in gather_buckets(model, ctx, self.bucket_bytes, **where):
             out: list[tuple[str, torch.Tensor]] = []
             for name, tensor in bucket:
                 unit = self._units[name]

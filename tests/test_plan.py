@@ -27,8 +27,9 @@ from megatron_r1.plan.activations import (
 )
 from megatron_r1.plan.counts import PartCount, ShardCounts
 from megatron_r1.plan.memory import Candidate, PlanOptions, plan_layout, stage_layers
-from megatron_r1.plan.report import parse_size
+from megatron_r1.plan.report import format_sync, parse_size
 from megatron_r1.plan.search import step_cost, uneven_split
+from megatron_r1.plan.sync import TrainerGrid, node_shares, stage_parts, sync_cost
 
 from procs import REPO, run_python
 
@@ -200,6 +201,131 @@ def test_step_cost_rule():
     assert cost(1, "full") == pytest.approx(4 / 3)
     assert cost(1, "selective") == pytest.approx(1 + 1 / 12)  # attention share 1/4, / 3
     assert cost(2, "none") == pytest.approx(1 / (1 - 1 / 9))  # M=8 per rank: 1/(8+1)
+
+
+# --- weight sync ------------------------------------------------------------------------------
+
+def _even_counts(model: ModelConfig, tp: int, ep: int, etp: int) -> ShardCounts:
+    """A made-up model whose every tensor splits evenly over TP (dense) and EP x ETP (experts):
+    per part (dense elements, expert elements, dense linear-weight elements)."""
+    def part(dense: int, expert: int, dense_linear: int) -> PartCount:
+        experts = expert // (ep * etp)
+        return PartCount(dense // tp, experts, dense_linear // tp + experts)
+
+    return ShardCounts(tensor=tp, expert=ep, expert_tensor=etp, embedding=part(4096, 0, 0),
+                       layers={"dense": part(1024, 0, 768), "moe": part(512, 8192, 256)},
+                       final_norm=part(64, 0, 0), output_layer=part(4096, 0, 0),
+                       tied_single_stage=False,
+                       layer_kinds=("dense",) + ("moe",) * (model.num_layers - 1))
+
+
+SYNC_CFG = ["model.num_layers=4", "model.moe_first_dense_layers=1",
+            "train.global_batch_size=64", "train.micro_batch_size=1"]
+SLOW_LINKS = dict(nvlink_bandwidth=100.0, infiniband_bandwidth=10.0)  # bytes/s
+
+
+def _sync(cand: Candidate, *overrides: str, gpus: int = 16):
+    cfg = load_config(None, [*SYNC_CFG, *overrides])
+    options = PlanOptions(gpus=gpus, gpu_memory=80e9, rollout_weights="fp8", **SLOW_LINKS)
+    plan = plan_layout(cfg, cand, options, _even_counts)
+    return plan, sync_cost(cfg, plan, _even_counts)
+
+
+def test_sync_bytes_and_seconds_by_hand():
+    """16 GPUs, 8 per node, TP=2 PP=2 EP=4: node 0 holds all of stage 0 (layers 0-1 and the
+    embedding), node 1 all of stage 1 (layers 2-3, final norm, head). Engines of TP_e=4, one
+    group per node (default ranks_per_engine), workers on ranks 0-3 and 8-11."""
+    cand = Candidate(tensor=2, pipeline=2, context=1, expert=4, expert_tensor=1,
+                     recompute="none", rollout_tensor=4)
+    plan, sync = _sync(cand)
+    # FP8 engine: linear weights 1 byte, embedding/head/norms 2 bytes
+    stage0_dense = (768 + 256) * 1 + (4096 + 1024 + 512 - 768 - 256) * 2  # 10240
+    stage0_expert = 8192
+    stage1_dense = 2 * 256 * 1 + (2 * 512 - 2 * 256 + 64 + 4096) * 2  # 9856
+    stage1_expert = 2 * 8192
+    stage0, stage1 = stage0_dense + stage0_expert, stage1_dense + stage1_expert
+    full = stage0 + stage1
+    assert (stage0, stage1, full) == (18432, 26240, 44672)
+    assert (sync.groups, sync.ranks_per_group, sync.workers_per_group) == (2, 8, 4)
+    f, s = sync.full, sync.sharded
+    # the slowest worker is on node 0: stage 0 over NVLink, stage 1 over InfiniBand
+    assert f.per_gpu == pytest.approx(full, rel=1e-9)
+    assert (f.in_node, f.cross_node) == pytest.approx((stage0, stage1), rel=1e-9)
+    assert f.seconds == pytest.approx(max(stage0 / 100, stage1 / 10), rel=1e-9)
+    assert (f.group_in_node, f.group_cross_node) == pytest.approx((4 * stage0, 4 * stage1),
+                                                                  rel=1e-9)
+    assert f.job_total == pytest.approx(8 * full, rel=1e-9)
+    assert f.job_cross_node == pytest.approx(4 * stage1 + 4 * stage0, rel=1e-9)
+    assert sync.node_share == pytest.approx(stage0 / full, rel=1e-9)
+    # the sharded path: each worker receives its TP_e slice, full / TP_e, split alike
+    for name in ("per_gpu", "in_node", "cross_node", "group_in_node", "group_cross_node",
+                 "job_total", "job_cross_node", "seconds"):
+        assert getattr(s, name) == pytest.approx(getattr(f, name) / 4, rel=1e-9), name
+    assert s.per_gpu == pytest.approx(plan.rollout.weights, rel=1e-9)  # the engine's weights
+    text = format_sync(sync)
+    assert "weight sync per rollout: 2 engine group(s) of 8 ranks, 4 engine workers" in text
+    assert "full tensors (today):" in text and "predicted 2624.00 s" in text
+    assert "TP_e=4 slices:" in text and "predicted 656.00 s" in text
+    assert "NeMo-RL DeepSeek-V3 refit 2.4-2.8 s (non-colocated)" in text
+    assert "checkpoint-engine DeepSeek-V3.1 update 11.3 s (colocated, 256 H20)" in text
+
+
+def test_a_node_holding_a_full_replica_syncs_inside_the_node():
+    # TP=8 PP=1 EP=1 (experts over ETP=8) on 8 GPUs per node: every node holds the model
+    replica = Candidate(tensor=8, pipeline=1, context=1, expert=1, expert_tensor=8,
+                        recompute="none", rollout_tensor=8)
+    _, sync = _sync(replica)
+    for path in (sync.full, sync.sharded):
+        assert path.cross_node == 0 and path.group_cross_node == 0 and path.job_cross_node == 0
+        assert path.in_node == path.per_gpu
+        assert path.seconds == pytest.approx(path.per_gpu / 100, rel=1e-9)
+    assert sync.node_share == 1.0
+    # EP=16 over two nodes: each node holds half the experts, the other half crosses nodes
+    _, split = _sync(replace(replica, tensor=2, expert=16, expert_tensor=1))
+    assert split.full.cross_node == pytest.approx(3 * 8192 / 2, rel=1e-9)
+
+
+def test_node_shares_follow_megatrons_rank_order():
+    from megatron.core.parallel_state import RankGenerator
+
+    order = "tp-cp-ep-dp-pp"
+    for tp, pp, ep, etp in [(2, 2, 4, 1), (2, 2, 2, 2), (4, 1, 8, 1), (1, 4, 2, 2)]:
+        world = 16
+        grid = TrainerGrid(world=world, tensor=tp, pipeline=pp, expert=ep, expert_tensor=etp)
+        dense = RankGenerator(tp=tp, ep=1, dp=world // (tp * pp), pp=pp, cp=1, order=order)
+        experts = RankGenerator(tp=etp, ep=ep, dp=world // (etp * ep * pp), pp=pp, cp=1,
+                                order=order)
+        for group in dense.get_ranks("pp"):
+            assert [grid.stage_of(r) for r in group] == list(range(pp))
+        for group in dense.get_ranks("tp"):
+            assert [grid.tensor_shard(r) for r in group] == list(range(tp))
+        for group in experts.get_ranks("ep"):
+            assert [grid.expert_shard(r)[1] for r in group] == list(range(ep))
+        for group in experts.get_ranks("tp"):
+            assert [grid.expert_shard(r)[0] for r in group] == list(range(etp))
+    grid = TrainerGrid(world=16, tensor=2, pipeline=1, expert=16, expert_tensor=1)
+    assert node_shares(grid, range(0, 8)) == [(1.0, 0.5)]
+
+
+def test_engine_stage_parts_hold_a_tied_head_once():
+    model = ModelConfig(num_layers=4, moe_first_dense_layers=1)
+    counts = replace(_even_counts(model, 1, 1, 1), tied_single_stage=True)
+    cand = Candidate(tensor=1, pipeline=2, context=1, expert=1, expert_tensor=1,
+                     recompute="none", rollout_tensor=1)
+    parts = stage_parts(counts, stage_layers(4, cand))
+    assert parts[0] + parts[1] == counts.whole_model()
+    assert parts[1] == counts.layers["moe"] * 2 + counts.final_norm
+
+
+def test_engine_groups_that_do_not_fit_are_a_problem():
+    cand = Candidate(tensor=2, pipeline=2, context=1, expert=4, expert_tensor=1,
+                     recompute="none", rollout_tensor=8)
+    cfg = load_config(None, [*SYNC_CFG, "rollout.ranks_per_engine=4"])
+    plan = plan_layout(cfg, cand, PlanOptions(gpus=16, gpu_memory=80e9), _even_counts)
+    assert ("rollout: rollout.ranks_per_engine=4 is smaller than rollout.tensor_parallel=8: "
+            "every engine worker sits on one rank of its group") in plan.problems
+    with pytest.raises(ValueError, match="ranks_per_engine=4"):
+        sync_cost(cfg, plan, _even_counts)
 
 
 # --- counts from the real model -------------------------------------------------------------
@@ -385,6 +511,15 @@ def test_r1_zero_config_is_the_planners_first_choice(tmp_path):
     configured = plan["configured"]
     assert configured["fits"] and configured["peak"] <= 80e9
     assert configured["stages"][0]["params_expert"] * 256 == 653_908_770_816  # 58 x 256 experts
+    # weight sync: 16 engine groups of 32 ranks (TP_e=32 over 4 nodes); a TP_e slice is the
+    # engine's own weights; each node holds the dense part and 8 of 256 experts per layer
+    sync = configured["sync"]
+    assert (sync["groups"], sync["ranks_per_group"], sync["workers_per_group"]) == (16, 32, 32)
+    assert sync["sharded"]["per_gpu"] == configured["rollout"]["weights"]
+    assert sync["full"]["per_gpu"] / 32 < sync["sharded"]["per_gpu"] < \
+        1.01 * sync["full"]["per_gpu"] / 32  # vLLM keeps norms and MLA down-projections whole
+    assert 0.05 < sync["node_share"] < 0.07
+    assert sync["full"]["seconds"] == sync["full"]["cross_node"] / 50e9  # InfiniBand-bound
 
 
 def test_plan_exit_codes(tmp_path):
@@ -397,6 +532,7 @@ def test_plan_exit_codes(tmp_path):
     tiny = plan_cli("--gpus", "2", "--set", "parallel.expert=2", "--top", "3")
     assert tiny.returncode == 0, tiny.stderr[-3000:]
     assert "FITS" in tiny.stdout and "layouts that fit, best first" in tiny.stdout
+    assert "weight sync per rollout: 1 engine group(s) of 2 ranks" in tiny.stdout
 
 
 def test_r1_zero_config_carries_the_recipe():

@@ -388,6 +388,13 @@ class RolloutConfig:
 
     tensor_parallel: int = 1
     """Inference tensor-parallel degree of each engine."""
+    ranks_per_engine: int | None = None
+    """Consecutive trainer ranks that share one engine (an engine group): the engine's
+    tensor-parallel workers sit on the group's first `tensor_parallel` ranks (on GPUs: their
+    devices), the group generates its share of every rollout and receives the weights its
+    engine needs. None: the ranks of one node, or `tensor_parallel` ranks when an engine spans
+    several nodes. Must divide the world size and be at least `tensor_parallel`
+    (megatron_r1.rollout.placement)."""
     temperature: float = 1.0
     """Sampling temperature (R1 stage 1: 1.0); > 0, since the trainer's log-probs divide the
     logits by it (greedy rollouts have no log-probs to train on)."""
@@ -418,7 +425,7 @@ class RolloutConfig:
     """Probe sequences of that check (0 turns the check off)."""
 
     def __post_init__(self) -> None:
-        _positive("rollout", self, "tensor_parallel", "max_new_tokens", "cpu_kv_cache_gib",
+        _positive("rollout", self, "tensor_parallel", "ranks_per_engine", "max_new_tokens", "cpu_kv_cache_gib",
                   "sync_bucket_mb", "sync_check_atol")
         _non_negative("rollout", self, "sync_check_sequences")
         _require(self.temperature > 0, "rollout", "temperature", self.temperature,

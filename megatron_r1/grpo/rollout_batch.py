@@ -65,29 +65,42 @@ def pack_rollout(prompts: Sequence[Sequence[int]], groups: Sequence[Sequence[Com
             raise ValueError(f"prompt ({len(prompt)} ids) + completion "
                              f"({len(completion.token_ids)} ids) exceed data.seq_length + 1 "
                              f"= {seq_length + 1}")
-    rows = len(pairs)
     width = max((len(prompt) + len(c.token_ids) - 1 for _, prompt, c in pairs), default=1)
+    return pack_sequences(
+        [torch.tensor([*prompt, *c.token_ids], dtype=torch.int64) for _, prompt, c in pairs],
+        [len(prompt) for _, prompt, _ in pairs],
+        [torch.tensor(c.logprobs, dtype=torch.float32) for _, _, c in pairs],
+        [p for p, _, _ in pairs], width=width, pad_id=pad_id)
+
+
+def pack_sequences(ids: Sequence[torch.Tensor], prompt_lens: Sequence[int],
+                   sampler_logps: Sequence[torch.Tensor], prompt_index: Sequence[int], *,
+                   width: int, pad_id: int) -> RolloutTensors:
+    """Rows from whole sequences (prompt + completion ids), each with its prompt length, the
+    sampler's log-probs of its completion and its prompt's index, padded to `width` positions
+    (at least each row's own)."""
+    rows = len(ids)
+    width = max(width, *(len(x) - 1 for x in ids), 1) if rows else max(width, 1)
     tokens = torch.full((rows, width), pad_id, dtype=torch.int64)
     labels = torch.full((rows, width), pad_id, dtype=torch.int64)
     mask = torch.zeros(rows, width, dtype=torch.float32)
     sampler = torch.zeros(rows, width, dtype=torch.float32)
     length = torch.zeros(rows, dtype=torch.int64)
-    prompt_len = torch.zeros(rows, dtype=torch.int64)
-    completion_len = torch.zeros(rows, dtype=torch.int64)
-    prompt_index = torch.zeros(rows, dtype=torch.int64)
-    for r, (p, prompt, completion) in enumerate(pairs):
-        ids = [*prompt, *completion.token_ids]
-        n = len(ids) - 1
-        tokens[r, :n] = torch.tensor(ids[:-1])
-        labels[r, :n] = torch.tensor(ids[1:])
-        start, stop = len(prompt) - 1, len(prompt) - 1 + len(completion.token_ids)
+    prompt_len = torch.tensor(list(prompt_lens), dtype=torch.int64)
+    completion_len = torch.tensor([len(x) - p for x, p in zip(ids, prompt_lens)],
+                                  dtype=torch.int64)
+    for r, (seq, p, logp) in enumerate(zip(ids, prompt_lens, sampler_logps)):
+        n = len(seq) - 1
+        tokens[r, :n] = seq[:-1]
+        labels[r, :n] = seq[1:]
+        start, stop = p - 1, len(seq) - 1
         mask[r, start:stop] = 1.0
-        sampler[r, start:stop] = torch.tensor(completion.logprobs, dtype=torch.float32)
-        length[r], prompt_len[r], completion_len[r], prompt_index[r] = (
-            max(n, 1), len(prompt), len(completion.token_ids), p)
+        sampler[r, start:stop] = logp
+        length[r] = max(n, 1)
     return RolloutTensors(tokens_RS=tokens, labels_RS=labels, loss_mask_RS=mask,
                           sampler_logp_RS=sampler, length_R=length, prompt_len_R=prompt_len,
-                          completion_len_R=completion_len, prompt_index_R=prompt_index)
+                          completion_len_R=completion_len,
+                          prompt_index_R=torch.tensor(list(prompt_index), dtype=torch.int64))
 
 
 def stored_rollout(columns: Mapping[str, np.ndarray]

@@ -33,6 +33,8 @@ class LaunchEnv:
     local_rank: int
     master_addr: str
     master_port: int
+    local_world_size: int = 1
+    """Ranks on this node (where the launcher says; 1 otherwise)."""
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -77,6 +79,16 @@ def _slurm_port(env: Mapping[str, str]) -> int:
     return 20000 + job % 20000
 
 
+def _slurm_tasks_per_node(env: Mapping[str, str]) -> int:
+    # SLURM_NTASKS_PER_NODE is set only with --ntasks-per-node; SLURM_TASKS_PER_NODE always,
+    # in the compressed form "8(x4)" or "8,4": this node's is the one of the first node for
+    # the homogeneous jobs the launch scripts submit.
+    if "SLURM_NTASKS_PER_NODE" in env:
+        return _int(env, "SLURM_NTASKS_PER_NODE")
+    first = env.get("SLURM_TASKS_PER_NODE", "1").split(",")[0].split("(")[0]
+    return int(first) if first.isdigit() else 1
+
+
 def _from_mpi(env: Mapping[str, str]) -> LaunchEnv:
     from mpi4py import MPI  # imported only under mpirun: it loads the MPI library
 
@@ -85,8 +97,8 @@ def _from_mpi(env: Mapping[str, str]) -> LaunchEnv:
     addr, port = (socket.gethostname(), free_port()) if rank == 0 else ("", 0)
     addr, port = comm.bcast((env.get("MASTER_ADDR", addr), int(env.get("MASTER_PORT", port))),
                             root=0)
-    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank).Get_rank()
-    return LaunchEnv("mpi", rank, size, local_rank, addr, port)
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    return LaunchEnv("mpi", rank, size, node.Get_rank(), addr, port, node.Get_size())
 
 
 def discover(env: Mapping[str, str] | None = None) -> LaunchEnv:
@@ -96,14 +108,16 @@ def discover(env: Mapping[str, str] | None = None) -> LaunchEnv:
         return LaunchEnv("torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"),
                          _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
                          env.get("MASTER_ADDR", "127.0.0.1"),
-                         _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500)
+                         _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
+                         _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 1)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         # SLURM_STEP_ID distinguishes an srun task from the batch script itself, which also
         # carries SLURM_PROCID=0 but is not one of the job's ranks.
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
         return LaunchEnv("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
                          _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
-                         env.get("MASTER_ADDR") or first_slurm_host(nodelist), _slurm_port(env))
+                         env.get("MASTER_ADDR") or first_slurm_host(nodelist), _slurm_port(env),
+                         _slurm_tasks_per_node(env))
     if any(key in env for key in _MPI_RANK_VARS):
         return _from_mpi(env)
     return LaunchEnv("single", 0, 1, 0, "127.0.0.1", free_port())

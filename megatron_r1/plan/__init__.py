@@ -2,8 +2,9 @@
 
 Modules, bottom up: counts (per-rank parameter bookkeeping), activations (what a micro-batch
 keeps for the backward), memory (bytes per GPU per phase of a colocated GRPO step), search
-(layouts that fit, ranked), report (table), params (the measurement on megatron-core's real
-modules, L2) and command (`megatron-r1 plan`). Only params and command import megatron.
+(layouts that fit, ranked), sync (bytes and seconds of the weight sync to the engines), report
+(table), params (the measurement on megatron-core's real modules, L2) and command
+(`megatron-r1 plan`). Only params and command import megatron.
 """
 
 from __future__ import annotations

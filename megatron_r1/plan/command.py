@@ -2,8 +2,9 @@
 
 Layer L2 (measures parameter counts on megatron-core modules). `add_plan_parser` adds the
 sub-command to the CLI's sub-parsers; `run_plan(cfg, args)` prints the per-GPU table of the
-configured layout and the layouts that fit, best first. Exit codes: 0 the configured layout
-fits, 3 it does not (the table says why), 2 bad input (raised as ValueError for the CLI).
+configured layout, its weight sync (bytes and predicted seconds per rollout) and the layouts
+that fit, best first. Exit codes: 0 the configured layout fits, 3 it does not (the table says
+why), 2 bad input (raised as ValueError for the CLI).
 """
 
 from __future__ import annotations
@@ -19,10 +20,26 @@ from megatron_r1.config.schema import Config, ModelConfig
 from megatron_r1.layout import resolve_layout
 from megatron_r1.plan.activations import AttentionImpl
 from megatron_r1.plan.counts import ShardCounts
-from megatron_r1.plan.memory import Candidate, PlanOptions, WeightsDtype, plan_layout
+from megatron_r1.plan.memory import (
+    INFINIBAND_BYTES_PER_S,
+    NVLINK_BYTES_PER_S,
+    Candidate,
+    Plan,
+    PlanOptions,
+    WeightsDtype,
+    plan_layout,
+)
 from megatron_r1.plan.params import shard_counts
-from megatron_r1.plan.report import format_plan, format_ranking, parse_size, plan_to_dict
+from megatron_r1.plan.report import (
+    format_plan,
+    format_ranking,
+    format_sync,
+    parse_size,
+    plan_to_dict,
+    sync_to_dict,
+)
 from megatron_r1.plan.search import RECOMPUTE, search
+from megatron_r1.plan.sync import SyncCost, sync_cost
 
 EXIT_DOES_NOT_FIT = 3
 def _size(text: str) -> float:
@@ -39,7 +56,9 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Per-GPU memory of the configured layout (trainer: weights, gradients, "
                     "distributed-optimizer states, activations per pipeline stage; colocated "
                     "rollout engine: weights at the inference TP, KV cache, offload while "
-                    "sleeping) and the layouts that fit, best first. Exit code 0: the "
+                    "sleeping), the weight sync per rollout (bytes per GPU of the full-tensor "
+                    "and the TP_e-slice paths, predicted seconds from the link bandwidths) "
+                    "and the layouts that fit, best first. Exit code 0: the "
                     "configured layout fits; 3: it does not; 2: bad input.")
     p.add_argument("--config", metavar="YAML", help="sparse YAML override of the defaults")
     p.add_argument("--set", dest="overrides", action="append", default=[],
@@ -64,6 +83,16 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16")
     p.add_argument("--rollout-overhead", type=_size, default=parse_size("3GB"), metavar="SIZE",
                    help="awake engine beyond weights and KV: CUDA graphs, workspace (3GB)")
+    p.add_argument("--nvlink-bandwidth", type=_size, default=NVLINK_BYTES_PER_S,
+                   metavar="GB/S",
+                   help="weight sync: GB/s one GPU receives over NVLink, per direction "
+                        f"(default {NVLINK_BYTES_PER_S / 1e9:.0f}: H800 as DeepSeek-V3's "
+                        "report gives it; spec 200 each way, H100 450)")
+    p.add_argument("--ib-bandwidth", type=_size, default=INFINIBAND_BYTES_PER_S,
+                   metavar="GB/S",
+                   help="weight sync: GB/s one GPU receives over InfiniBand from other "
+                        f"nodes (default {INFINIBAND_BYTES_PER_S / 1e9:.0f}: one 400 Gb/s NDR "
+                        "NIC per GPU)")
     p.add_argument("--first-stage-layers", type=int, default=None, metavar="N",
                    help="plan an uneven pipeline: layers of the first stage (overrides "
                         "parallel.first_stage_layers and parallel.last_stage_layers)")
@@ -82,6 +111,9 @@ def options_from_args(cfg: Config, args: argparse.Namespace) -> PlanOptions:
     if args.gpus < 1 or args.gpus_per_node < 1:
         raise ValueError(f"--gpus={args.gpus} and --gpus-per-node={args.gpus_per_node} must "
                          "be >= 1")
+    if args.nvlink_bandwidth <= 0 or args.ib_bandwidth <= 0:
+        raise ValueError(f"--nvlink-bandwidth={args.nvlink_bandwidth / 1e9:g} and "
+                         f"--ib-bandwidth={args.ib_bandwidth / 1e9:g} GB/s must be > 0")
     attention: AttentionImpl = args.attention if args.attention != "auto" else (
         "unfused" if cfg.model.transformer_impl == "local" else "flash")
     weights: WeightsDtype = args.rollout_weights if args.rollout_weights != "auto" else (
@@ -93,7 +125,8 @@ def options_from_args(cfg: Config, args: argparse.Namespace) -> PlanOptions:
         attention=attention,
         rollout_concurrency=args.rollout_concurrency,
         rollout_weights=weights, kv_cache_bytes=1 if args.kv_cache_dtype == "fp8" else 2,
-        rollout_overhead=args.rollout_overhead)
+        rollout_overhead=args.rollout_overhead, nvlink_bandwidth=args.nvlink_bandwidth,
+        infiniband_bandwidth=args.ib_bandwidth)
 
 
 def configured_candidate(cfg: Config, gpus: int, first: int | None = None,
@@ -120,10 +153,23 @@ def run_plan(cfg: Config, args: argparse.Namespace) -> int:
         # FP8 and TE change no parameter shape; the local spec builds anywhere (no CUDA).
         return shard_counts(replace(model, fp8="none", transformer_impl="local"), tp, ep, etp)
 
+    def sync_of(p: Plan) -> SyncCost | None:
+        try:
+            return sync_cost(cfg, p, counts)
+        except ValueError:
+            return None  # the engine groups do not fit: the plan's problems say why
+
+    def with_sync(p: Plan, s: SyncCost | None) -> dict[str, Any]:
+        return dict(plan_to_dict(p), sync=None if s is None else sync_to_dict(s))
+
     plan = plan_layout(cfg, cand, options, counts)
     title = (f"megatron-r1 plan: {args.config or 'defaults'} on {args.gpus} GPUs x "
              f"{options.gpu_memory / 1e9:.1f} GB ({options.gpus_per_node} per node)")
     print(format_plan(plan, title))
+    sync = sync_of(plan)
+    if sync is not None:
+        print()
+        print(format_sync(sync))
     ranked = []
     if not args.no_search:
         ranked = search(cfg, options, counts, RECOMPUTE,
@@ -133,8 +179,8 @@ def run_plan(cfg: Config, args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "configured": plan_to_dict(plan),
-            "ranked": [dict(plan_to_dict(r.plan), step_cost=r.step_cost)
+            "configured": with_sync(plan, sync),
+            "ranked": [dict(with_sync(r.plan, sync_of(r.plan)), step_cost=r.step_cost)
                        for r in ranked[:args.top]]}, indent=1))
     sys.stdout.flush()
     return 0 if plan.fits else EXIT_DOES_NOT_FIT

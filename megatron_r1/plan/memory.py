@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from megatron_r1.config.schema import Config, ModelConfig
@@ -45,12 +45,17 @@ from megatron_r1.plan.activations import (
     loss_bytes,
 )
 from megatron_r1.plan.counts import PartCount, ShardCounts
+from megatron_r1.rollout.placement import Placement, ranks_per_engine, resolve_placement
 
 WeightsDtype = Literal["fp8", "bf16", "fp32"]
 CountsFn = Callable[[ModelConfig, int, int, int], ShardCounts]
 """(model, TP, EP, ETP) -> measured per-rank counts (megatron_r1.plan.params.shard_counts)."""
 
 GRAD_BYTES = 4  # megatron DDP main_grad buffers are fp32 (grad_reduce_in_fp32=True)
+# Links of an H800 node per GPU and direction, for the weight-sync estimate (sources in
+# megatron_r1.plan.sync): NVLink as DeepSeek-V3's report measures it, one 400 Gb/s NIC.
+NVLINK_BYTES_PER_S = 160e9
+INFINIBAND_BYTES_PER_S = 50e9
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +111,10 @@ class PlanOptions:
     kv_cache_bytes: int = 2
     rollout_overhead: float = 3.0e9
     """Bytes per GPU of an awake engine beyond weights and KV (CUDA graphs, workspace)."""
+    nvlink_bandwidth: float = NVLINK_BYTES_PER_S
+    """Bytes/s one GPU receives over NVLink from its node (weight sync)."""
+    infiniband_bandwidth: float = INFINIBAND_BYTES_PER_S
+    """Bytes/s one GPU receives over InfiniBand from other nodes (weight sync)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,15 +301,33 @@ def plan_layout(cfg: Config, c: Candidate, options: PlanOptions, counts_fn: Coun
     return plan
 
 
+def engine_weight_bytes(part: PartCount, dtype: WeightsDtype) -> float:
+    """Bytes of `part` as the rollout engine stores it: linear-layer weights in `dtype` (FP8:
+    one byte), the rest (embedding, output head, router, norms) in 16 bits, 32 for fp32."""
+    high = 4 if dtype == "fp32" else 2
+    low = {"fp8": 1, "bf16": 2, "fp32": 4}[dtype]
+    return float(part.low_precision * low + (part.total - part.low_precision) * high)
+
+
+def engine_placement(cfg: Config, c: Candidate, options: PlanOptions) -> Placement:
+    """The engine groups of this layout: rollout.ranks_per_engine at the candidate's inference
+    TP (a job smaller than a node has all its GPUs on one node).
+
+    Raises:
+        ValueError: the groups do not fit the GPUs (names the rollout field).
+    """
+    rollout = replace(cfg.rollout, tensor_parallel=c.rollout_tensor)
+    return resolve_placement(rollout, options.gpus, min(options.gpus, options.gpus_per_node))
+
+
 def rollout_memory(cfg: Config, tensor: int, options: PlanOptions,
                    counts_fn: CountsFn) -> RolloutMemory:
     """The engine at inference TP `tensor` (experts split over TP, as vLLM does without
-    expert parallelism); KV for `rollout_concurrency` sequences of data.seq_length tokens."""
+    expert parallelism); KV for `rollout_concurrency` sequences of data.seq_length tokens;
+    one engine per engine group."""
     model = cfg.model
     counts = counts_fn(model, tensor, 1, tensor).whole_model()
-    high = 4 if options.rollout_weights == "fp32" else 2
-    low = {"fp8": 1, "bf16": 2, "fp32": 4}[options.rollout_weights]
-    weights = counts.low_precision * low + (counts.total - counts.low_precision) * high
+    weights = engine_weight_bytes(counts, options.rollout_weights)
     if model.multi_latent_attention:
         # MLA caches one compressed latent + the rotary key per token and layer; every TP
         # rank holds all of it (the latent is not split by heads).
@@ -311,11 +338,15 @@ def rollout_memory(cfg: Config, tensor: int, options: PlanOptions,
         per_token_layer = 2 * max(1, groups // tensor) * head_dim
     kv_per_token = float(per_token_layer * model.num_layers * options.kv_cache_bytes)
     seq = cfg.data.seq_length
-    engines = options.gpus // tensor
+    # one engine per engine group (rollout.ranks_per_engine, default one node): with TP_e
+    # below a node's GPUs the group's other GPUs hold no engine worker
+    group = ranks_per_engine(replace(cfg.rollout, tensor_parallel=tensor),
+                             min(options.gpus, options.gpus_per_node))
+    engines = max(options.gpus // group, 1)
     outputs = cfg.grpo.prompts_per_rollout * cfg.grpo.group_size
     budget = cfg.rollout.gpu_memory_utilization * options.gpu_memory
     return RolloutMemory(
-        tensor=tensor, engines=engines, weights=float(weights), kv_per_token=kv_per_token,
+        tensor=tensor, engines=engines, weights=weights, kv_per_token=kv_per_token,
         seq_length=seq, concurrency=options.rollout_concurrency,
         kv_needed=kv_per_token * seq * options.rollout_concurrency,
         kv_budget=budget - weights - options.rollout_overhead,
@@ -355,3 +386,8 @@ def _check(plan: Plan, cfg: Config) -> None:
     if o.gpus % c.rollout_tensor:
         plan.problems.append(f"rollout: tensor_parallel={c.rollout_tensor} does not divide "
                              f"{o.gpus} GPUs")
+    else:
+        try:
+            engine_placement(cfg, c, o)
+        except ValueError as err:
+            plan.problems.append(f"rollout: {err}")

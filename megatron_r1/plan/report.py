@@ -11,6 +11,12 @@ from typing import Any
 
 from megatron_r1.plan.memory import Plan
 from megatron_r1.plan.search import Ranked, rollout_capacity
+from megatron_r1.plan.sync import (
+    CHECKPOINT_ENGINE_DSV31_UPDATE_S,
+    NEMO_RL_DSV3_REFIT_S,
+    SyncCost,
+    SyncPath,
+)
 
 _UNITS = {"": 1e9, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -95,6 +101,54 @@ def format_plan(plan: Plan, title: str) -> str:
         lines.append("DOES NOT FIT:")
         lines += [f"  - {p}" for p in plan.problems]
     return "\n".join(lines)
+
+
+def _volume(x: float) -> str:
+    return f"{x / 1e12:.1f} TB" if x >= 1e12 else f"{x / 1e9:.1f} GB"
+
+
+def format_sync(sync: SyncCost) -> str:
+    """The weight sync of one layout: bytes per GPU of both paths, where they come from, the
+    predicted seconds, and the published anchors to read them against."""
+    lines = [
+        f"weight sync per rollout: {sync.groups} engine group(s) of {sync.ranks_per_group} "
+        f"ranks, {sync.workers_per_group} engine workers each, {sync.weights} weights; per GPU "
+        f"and direction NVLink {gb(sync.nvlink)} GB/s, InfiniBand {gb(sync.infiniband)} GB/s",
+        f"  the trainer ranks of a worker's node hold {sync.node_share:.1%} of the engine's "
+        "bytes (the least of any worker node); the rest crosses nodes"]
+    paths: list[tuple[str, SyncPath]] = [("full tensors (today)", sync.full),
+                                         (f"TP_e={sync.workers_per_group} slices", sync.sharded)]
+    for name, p in paths:
+        lines += [
+            f"  {name + ':':<22} {gb(p.per_gpu)} GB per GPU ({gb(p.in_node)} in node, "
+            f"{gb(p.cross_node)} across nodes) -> predicted {p.seconds:.2f} s",
+            f"  {'':<22} per engine group {_volume(p.group_in_node)} in node, "
+            f"{_volume(p.group_cross_node)} across; whole job {_volume(p.job_total)} "
+            f"({_volume(p.job_cross_node)} across nodes)"]
+    low, high = NEMO_RL_DSV3_REFIT_S
+    lines += [
+        f"  published: NeMo-RL DeepSeek-V3 refit {low}-{high} s (non-colocated); "
+        f"checkpoint-engine DeepSeek-V3.1 update {CHECKPOINT_ENGINE_DSV31_UPDATE_S:.1f} s "
+        "(colocated, 256 H20)",
+        "  predicted = link time only (max of NVLink and InfiniBand per worker): no gather, "
+        "FP8 quantisation or vLLM loading"]
+    return "\n".join(lines)
+
+
+def sync_to_dict(sync: SyncCost) -> dict[str, Any]:
+    """Machine-readable weight sync (bytes, bytes/s, seconds)."""
+
+    def path(p: SyncPath) -> dict[str, float]:
+        return {"per_gpu": p.per_gpu, "in_node": p.in_node, "cross_node": p.cross_node,
+                "group_in_node": p.group_in_node, "group_cross_node": p.group_cross_node,
+                "job_total": p.job_total, "job_cross_node": p.job_cross_node,
+                "seconds": p.seconds}
+
+    return {"groups": sync.groups, "ranks_per_group": sync.ranks_per_group,
+            "workers_per_group": sync.workers_per_group, "weights": sync.weights,
+            "node_share": sync.node_share, "nvlink_bandwidth": sync.nvlink,
+            "infiniband_bandwidth": sync.infiniband, "full": path(sync.full),
+            "sharded": path(sync.sharded)}
 
 
 def format_ranking(ranked: list[Ranked], top: int) -> str:

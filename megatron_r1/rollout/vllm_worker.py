@@ -2,7 +2,8 @@
 
 Layer L2, loaded inside the vLLM engine process, so it imports only torch, safetensors and
 vLLM. A weight update is three calls: `mr1_begin_weight_update`, one `mr1_load_weight_file` per bucket
-(a safetensors file of Hugging Face-named tensors, written by the trainer to shared memory),
+(a safetensors file of Hugging Face-named tensors, written by the trainer to shared memory;
+on CUDA `mr1_load_shared_tensors` with IPC handles of the trainer's device tensors instead),
 then `mr1_finish_weight_update` (prefixed: vLLM workers have methods of the
 unprefixed names). It is vLLM's own layerwise in-place reload (what
 `reload_weights` does in one call), split so that only one bucket is in memory at a time, plus
@@ -35,6 +36,16 @@ class WeightReceiver:
         tensors = load_file(path)
         self._mr1_model().load_weights(weights=list(tensors.items()))
         self._mr1_loaded += list(tensors)
+        return len(tensors)
+
+    def mr1_load_shared_tensors(self, items: list[dict[str, Any]]) -> int:
+        """Load a bucket of CUDA tensors shared by the trainer (rollout/cuda_ipc.py)."""
+        from megatron_r1.rollout.cuda_ipc import open_shared
+
+        tensors = [open_shared(item) for item in items]
+        self._mr1_model().load_weights(weights=tensors)
+        self._mr1_loaded += [name for name, _ in tensors]
+        torch.cuda.synchronize()  # loaded before the sender may free the memory
         return len(tensors)
 
     def mr1_finish_weight_update(self) -> int:

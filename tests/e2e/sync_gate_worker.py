@@ -1,9 +1,11 @@
 """Test support: after a weight sync the engine decodes and scores like the trainer; a
 corrupted tensor in the sync trips the check. Prints a RESULT line (rank 0).
 
-Usage: sync_gate_worker.py CONFIG.yaml [section.key=value ...]"""
+Usage: sync_gate_worker.py CONFIG.yaml [section.key=value ...]
+Environment: SYNC_GATE_CORRUPT_RANKS (comma list): corrupt only those engine leaders' tensors."""
 
 import json
+import os
 import sys
 
 import torch
@@ -43,11 +45,15 @@ if __name__ == "__main__":
                                                                                len(engine.token_ids))
         original = stage.export.hf_buckets
 
+        # SYNC_GATE_CORRUPT_RANKS: only these ranks' engines get the corrupted tensor
+        only = os.environ.get("SYNC_GATE_CORRUPT_RANKS")
+        corrupt_here = only is None or str(stage.session.ctx.rank) in only.split(",")
+
         def corrupting(transform):
             """The export with the first tensor of the stream passed through `transform`."""
-            def buckets(model, ctx):
-                for i, bucket in enumerate(original(model, ctx)):
-                    if i == 0 and bucket:
+            def buckets(model, ctx, **where):
+                for i, bucket in enumerate(original(model, ctx, **where)):
+                    if i == 0 and bucket and corrupt_here:
                         name, tensor = bucket[0]
                         bucket = [(name, transform(tensor)), *bucket[1:]]
                     yield bucket

