@@ -9,9 +9,10 @@ one all_gather of metadata), then its execution for any number of destinations (
 group): per bucket, every destination's missing fragments arrive point to point, all
 destinations at once; a fragment comes from the destination itself when it holds a copy, else
 from a rank of the destination's own engine group (inside the node), and only otherwise from
-its owner elsewhere. Only one bucket of full tensors exists on a destination at a time, and
-only destinations ever hold a full tensor. Each comes out under its parameter name and in the
-layout of an unsharded (TP=PP=EP=1) model, the input of the Hugging Face export.
+another holder (the least loaded so far: replicas share the sending). Only one bucket of full
+tensors exists on a destination at a time, and only destinations ever hold a full tensor. Each
+comes out under its parameter name and in the layout of an unsharded (TP=PP=EP=1) model, the
+input of the Hugging Face export.
 """
 
 from __future__ import annotations
@@ -90,13 +91,19 @@ class GatherPlan:
     """(parameter name, fragment offset) -> every rank holding a copy of that fragment (its
     owner and the replicas: data-parallel copies, tensor-parallel copies of unsplit tensors)."""
 
-    def source(self, fragment: Fragment, destination: int, nearby: Sequence[int]) -> int:
+    def source(self, fragment: Fragment, destination: int, nearby: Sequence[int],
+               load: Mapping[int, int]) -> int:
         """Where `destination` takes `fragment` from: itself when it holds a copy, else the
-        first rank of `nearby` (its engine group) that does, else the owner."""
+        first rank of `nearby` (its engine group) that does, else the holder that has sent
+        the fewest bytes so far (`load`), the nearest rank among equals (consecutive ranks
+        share a node)."""
         holders = self.holders[(fragment.name, fragment.offset)]
         if destination in holders:
             return destination
-        return next((r for r in nearby if r in holders), fragment.owner)
+        near = next((r for r in nearby if r in holders), None)
+        if near is not None:
+            return near
+        return min(holders, key=lambda r: (load.get(r, 0), abs(r - destination), r))
 
 
 def plan_gather(model: list[torch.nn.Module], ctx: ParallelContext,
@@ -180,6 +187,7 @@ def gather_buckets(model: list[torch.nn.Module], ctx: ParallelContext, bucket_by
     me, device = ctx.rank, device or torch.device("cpu")
     stats = stats if stats is not None else TransferStats()
     nearby = nearby or {}
+    load: dict[int, int] = {}  # bytes each rank has sent: the same on every rank
     if me in destinations:
         stats.needed += sum(int(torch.Size(f.shape).numel()) * f.dtype.itemsize
                             for f in (frags[0] for frags in by_name.values()))
@@ -195,7 +203,7 @@ def gather_buckets(model: list[torch.nn.Module], ctx: ParallelContext, bucket_by
                     full[name] = torch.empty(frags[0].shape, dtype=frags[0].dtype, device=device)
                 for f in frags:
                     for dest in destinations:
-                        src = plan.source(f, dest, nearby.get(dest, ()))
+                        src = plan.source(f, dest, nearby.get(dest, ()), load)
                         nbytes = int(torch.Size(f.local_shape).numel()) * f.dtype.itemsize
                         if src == dest == me:
                             full[name][f.region()] = data[(f.name, f.offset)].detach().to(device)
@@ -204,6 +212,7 @@ def gather_buckets(model: list[torch.nn.Module], ctx: ParallelContext, bucket_by
                         if src == dest:
                             continue
                         message += 1
+                        load[src] = load.get(src, 0) + nbytes
                         if src == me:
                             ops.append(dist.P2POp(dist.isend,
                                                   data[(f.name, f.offset)].detach().contiguous(),
