@@ -39,7 +39,7 @@ def prompts() -> list[list[int]]:
     return [[1, *(10 + (7 * p + 3 * i) % 400 for i in range(12 + p % 9))] for p in range(PROMPTS)]
 
 
-def write_model(path: Path) -> None:
+def write_model(path: Path, hidden: int) -> None:
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -47,7 +47,8 @@ def write_model(path: Path) -> None:
 
     build_arithmetic_tokenizer(path, 512)
     config = Qwen3MoeConfig(
-        vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+        vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden,
+        moe_intermediate_size=hidden,
         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
         num_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -106,6 +107,7 @@ def run_setting(model: Path, tmp: Path, bindings: list[str], name: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the model")
     parser.add_argument("--engine-worker", nargs=6)
     args = parser.parse_args()
     if args.engine_worker:
@@ -123,7 +125,7 @@ def main() -> int:
     rows, baseline = [], None
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        write_model(tmp / "model")
+        write_model(tmp / "model", args.hidden)
         for what, bindings in settings:
             result = run_setting(tmp / "model", tmp, bindings, what)
             generated = sum(len(t) for t in result["tokens"])
@@ -132,7 +134,7 @@ def main() -> int:
                          "commit": commit(), "setting": what, "engines": len(bindings),
                          "cores_per_engine": "/".join(str(len(b.split(","))) for b in bindings),
                          "prompts": PROMPTS, "samples": SAMPLES, "max_new_tokens": NEW_TOKENS,
-                         "model": "qwen3-moe h256 l4 e8 fp32", "seconds": round(result["seconds"], 3),
+                         "model": f"qwen3-moe h{args.hidden} l4 e8 fp32", "seconds": round(result["seconds"], 3),
                          "tokens_per_s": round(generated / result["seconds"], 1),
                          "speedup": round(baseline["seconds"] / result["seconds"], 3),
                          "tokens_equal_to_one_engine": result["tokens"] == baseline["tokens"]})
