@@ -17,8 +17,6 @@ Writes benchmarks/results/rollout_engines_cpu_<time>.csv (device, commit, shapes
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
 import os
 import subprocess
@@ -30,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from provenance import commit, cpu_name  # noqa: E402
+from provenance import commit, cpu_name, write_rows  # noqa: E402
 
 PROMPTS, SAMPLES, NEW_TOKENS, SEED = 32, 8, 96, 1234
 
@@ -139,14 +137,7 @@ def main() -> int:
                          "speedup": round(baseline["seconds"] / result["seconds"], 3),
                          "tokens_equal_to_one_engine": result["tokens"] == baseline["tokens"]})
             print(rows[-1])
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"rollout_engines_cpu_{stamp}.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
+    write_rows(rows, args.out, "rollout_engines_cpu")
     return 0 if all(r["tokens_equal_to_one_engine"] for r in rows) else 1
 
 

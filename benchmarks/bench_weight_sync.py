@@ -17,9 +17,7 @@ Writes benchmarks/results/weight_sync_cpu_<time>.csv (device, commit, shapes).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import datetime
 import json
 import os
 import statistics
@@ -32,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from provenance import commit, cpu_name  # noqa: E402
+from provenance import commit, cpu_name, write_rows  # noqa: E402
 
 MODELS = {
     "tiny": ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
@@ -108,14 +106,7 @@ def main() -> int:
                         "ratio": round(assembled / s["needed"], 4) if s["needed"] else 0.0,
                         "transfer_s": round(measured["seconds"], 4)})
                     print(results[-1])
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"weight_sync_cpu_{stamp}.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(results[0]))
-        writer.writeheader()
-        writer.writerows(results)
-    print(f"wrote {path}")
+    write_rows(results, args.out, "weight_sync_cpu")
     return 0
 
 

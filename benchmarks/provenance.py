@@ -37,3 +37,19 @@ def cpu_name() -> str:
             cpu = line.split(":", 1)[1].strip()
             break
     return f"{cpu} x{os.cpu_count()}"
+
+
+def write_rows(rows: list[dict[str, object]], out_dir: Path, name: str) -> Path:
+    """`out_dir/<name>_<UTC time>.csv` with the rows (columns from the first); prints it."""
+    import csv
+    import datetime
+
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}_{stamp}.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+    return path
