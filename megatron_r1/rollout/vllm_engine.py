@@ -187,6 +187,12 @@ def engine_environment(group: EngineGroup, launch: LaunchEnv,
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = visible.split(",") if visible else [str(i) for i in
                                                  range(launch.local_world_size)]
+        if local + group.tensor_parallel > len(ids):
+            raise ValueError(f"rank {launch.rank} sees the devices CUDA_VISIBLE_DEVICES="
+                             f"{visible!r}, but its engine's rollout.tensor_parallel="
+                             f"{group.tensor_parallel} workers sit on the devices of local ranks "
+                             f"{local}-{local + group.tensor_parallel - 1}: launch with every GPU "
+                             "of the node visible to every rank (no per-task GPU binding)")
         return {"CUDA_VISIBLE_DEVICES": ",".join(
             ids[local + k] for k in range(group.tensor_parallel))}
     size = len(group.ranks)

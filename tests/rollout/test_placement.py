@@ -63,3 +63,31 @@ def test_cpu_binding_gives_each_engine_its_own_cores():
     cores = list(range(8))
     assert [cpu_binding(cores, g, 2, 2) for g in (0, 1)] == ["0,1|2,3", "4,5|6,7"]
     assert cpu_binding([5], 1, 2, 2) == "5|5"  # fewer cores than workers: shared, not none
+
+
+def test_engine_environment_places_each_engine(monkeypatch):
+    """On GPUs the engine's workers see its group's devices; on a CPU its cores."""
+    import torch
+
+    from megatron_r1.parallel.launch_env import LaunchEnv
+    from megatron_r1.rollout.vllm_engine import engine_environment
+
+    placement = resolve_placement(RolloutConfig(ranks_per_engine=4, tensor_parallel=2), 8, 8)
+    leader = LaunchEnv("torchrun", 4, 8, 4, "127.0.0.1", 0, local_world_size=8)
+    cuda = torch.device("cuda", 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert engine_environment(placement.groups[1], leader, cuda) == {"CUDA_VISIBLE_DEVICES": "4,5"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7,6,5,4,3,2,1,0")
+    assert engine_environment(placement.groups[1], leader, cuda) == {"CUDA_VISIBLE_DEVICES": "3,2"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4")  # a per-task GPU binding
+    with pytest.raises(ValueError, match="every GPU of the node visible"):
+        engine_environment(placement.groups[1], leader, cuda)
+    wide = resolve_placement(RolloutConfig(tensor_parallel=16), 16, 8)
+    with pytest.raises(ValueError, match="spans more than one node"):
+        engine_environment(wide.groups[0], LaunchEnv("torchrun", 0, 16, 0, "", 0, 8), cuda)
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1, 2, 3})
+    two = resolve_placement(RolloutConfig(ranks_per_engine=1), 2, 2)
+    env = [engine_environment(g, LaunchEnv("torchrun", g.leader, 2, g.leader, "", 0, 2),
+                              torch.device("cpu")) for g in two.groups]
+    assert env == [{"VLLM_CPU_OMP_THREADS_BIND": "0,1"}, {"VLLM_CPU_OMP_THREADS_BIND": "2,3"}]
