@@ -17,7 +17,7 @@ class ScriptedEngine:
         self.texts = texts
         self.calls = []
 
-    def generate(self, prompts, sampling: SamplingConfig):
+    def generate(self, prompts, sampling: SamplingConfig, *, prompt_indices=None):
         self.calls.append(sampling)
         return [[Completion((5,) * 3, (0.0,) * 3, t, "stop") for t in self.texts[i]]
                 for i in range(len(prompts))]
