@@ -107,9 +107,9 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
     stats = _Stats(components)
     prompt_len_R = torch.zeros(total, dtype=torch.int64)
     completion_len_R = torch.zeros(total, dtype=torch.int64)
-    if engine is not None:
+    block = blocks[placement.group_of(rank).index]
+    if engine is not None and len(block):  # more engine groups than prompts: some idle
         assert scorer is not None, "an engine group's leader scores its own completions"
-        block = blocks[placement.group_of(rank).index]
         start = time.perf_counter()
         engine.wake_up()
         groups = engine.generate([prompts[p].prompt_ids for p in block], sampling,
