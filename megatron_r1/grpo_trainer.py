@@ -76,6 +76,8 @@ class Stage:
     """The engine groups."""
     dp_ranks: list[int]
     """The data-parallel rank of every global rank (who trains which rows)."""
+    components: tuple[str, ...]
+    """The reward components' names (per-row columns of the rollout and the store)."""
     engine: RolloutEngine | None
     scorer: RewardScorer | None
     store: ExperienceStore | None
@@ -139,7 +141,7 @@ def _sample(stage: Stage, rollout_index: int) -> dispatch.Generated:
                               seed=cfg.train.seed * 7919 + rollout_index)
     return dispatch.generate_rollout(
         stage.engine, stage.scorer, stage.placement, prompts, sampling,
-        components=[c.name for c in reward_components(cfg.reward)],
+        components=stage.components,
         target_language=cfg.reward.target_language, std_normalize=cfg.grpo.std_normalize)
 
 
@@ -243,7 +245,7 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
     if stage.store is not None:
         assert stored.rows == everything  # leaders hold ascending blocks, sent in rank order
         full, seq = stored.rollout, cfg.data.seq_length
-        names = dispatch.scalar_names([c.name for c in reward_components(cfg.reward)])
+        names = dispatch.scalar_names(stage.components)
         columns = {
             "rollout": torch.full((len(full),), rollout_index),
             "prompt_index": full.prompt_index_R, "prompt_len": full.prompt_len_R,
@@ -312,6 +314,7 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
                          f"({longest} tokens) plus rollout.max_new_tokens="
                          f"{cfg.rollout.max_new_tokens}")
     export = EngineExport(cfg.model, tokenizer, bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
+    components = tuple(c.name for c in reward_components(cfg.reward))
     engine = scorer = store = train_offload = ref_offload = None
     if ctx.rank == group.leader and any(q.tests for q in train_prompts + eval_prompts):
         _check_code_rewards(cfg)
@@ -327,7 +330,7 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
         scorer = RewardScorer.from_config(cfg.reward, num_workers=cfg.reward.num_workers)
     if ctx.rank == 0 and training:
         store = ExperienceStore(session.run_dir / "experience.zarr", cfg.data.seq_length,
-                                [c.name for c in reward_components(cfg.reward)])
+                                list(components))
     probes = _probe_sequences(eval_prompts or train_prompts, cfg.rollout.sync_check_sequences,
                               tokenizer)
     if training and cfg.rollout.offload_train_state:
@@ -338,6 +341,7 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
         ref_offload.offload()
     return Stage(session=session, train_prompts=train_prompts, eval_prompts=eval_prompts,
                  probes=probes, export=export, placement=placement, dp_ranks=dp_ranks,
+                 components=components,
                  engine=engine, scorer=scorer, store=store,
                  how=micro_batching(cfg, ctx.layout), train_offload=train_offload,
                  ref_offload=ref_offload, guard=NonFiniteGuard(cfg.train.max_consecutive_nonfinite))

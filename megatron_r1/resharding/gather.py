@@ -202,9 +202,9 @@ def gather_buckets(model: list[torch.nn.Module], ctx: ParallelContext, bucket_by
                 if me in destinations:
                     full[name] = torch.empty(frags[0].shape, dtype=frags[0].dtype, device=device)
                 for f in frags:
+                    nbytes = int(torch.Size(f.local_shape).numel()) * f.dtype.itemsize
                     for dest in destinations:
                         src = plan.source(f, dest, nearby.get(dest, ()), load)
-                        nbytes = int(torch.Size(f.local_shape).numel()) * f.dtype.itemsize
                         if src == dest == me:
                             full[name][f.region()] = data[(f.name, f.offset)].detach().to(device)
                             stats.local += nbytes

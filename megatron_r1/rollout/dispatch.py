@@ -26,9 +26,8 @@ import torch.distributed as dist
 
 from megatron_r1.data.prompts import PromptExample
 from megatron_r1.evaluation import reward_sample
-from megatron_r1.grpo.advantage import group_advantages
+from megatron_r1.grpo.advantage import GroupAdvantages, group_advantages
 from megatron_r1.grpo.rollout_batch import RolloutTensors, pack_sequences
-from megatron_r1.reward.pool import Outcome
 from megatron_r1.reward.scoring import RewardBatch, RewardScorer
 from megatron_r1.reward.types import Language
 from megatron_r1.rollout.placement import Placement, split_prompts
@@ -123,15 +122,15 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
         correct = rewards.components_N["accuracy"] > 0.5
         adv = group_advantages(rewards.total_N, correct, n, std_normalize=std_normalize)
         held.rows = [p * n + j for p in block for j in range(n)]
-        held.ids = [torch.tensor([*prompts[p].prompt_ids, *c.token_ids], dtype=torch.int64)
-                    for p, c in zip((p for p in block for _ in range(n)), completions)]
+        held.ids = [torch.tensor([*prompts[r // n].prompt_ids, *c.token_ids], dtype=torch.int64)
+                    for r, c in zip(held.rows, completions)]
         held.sampler_logp = [torch.tensor(c.logprobs, dtype=torch.float32) for c in completions]
         held.scalars = torch.stack(
             [adv.advantages_R.double(), rewards.total_N.double(),
              *(rewards.components_N[c].double() for c in components)], dim=1)
-        for r, c, p in zip(held.rows, completions, (p for p in block for _ in range(n))):
-            prompt_len_R[r], completion_len_R[r] = len(prompts[p].prompt_ids), len(c.token_ids)
-        stats.observe(rewards, adv.advantages_R, correct, completions, n)
+        for r, c in zip(held.rows, completions):
+            prompt_len_R[r], completion_len_R[r] = len(prompts[r // n].prompt_ids), len(c.token_ids)
+        stats.observe(rewards, adv, completions, n)
     if size > 1:
         lengths = torch.stack([prompt_len_R, completion_len_R]).to(comm_device())
         dist.all_reduce(lengths)  # each row is known on exactly one leader
@@ -154,26 +153,24 @@ class _Stats:
                                          "time/generate_s": 0.0}
         self.components = list(components)
 
-    def observe(self, rewards: RewardBatch, advantages_R: torch.Tensor, correct_R: torch.Tensor,
+    def observe(self, rewards: RewardBatch, adv: GroupAdvantages,
                 completions: Sequence[Completion], group_size: int) -> None:
-        for c in self.components:
-            self.sums[f"reward/{c}_mean"] += float(rewards.components_N[c].double().sum())
-            codes = rewards.outcomes_N[c]
-            self.sums[f"reward/{c}_errors"] += float((codes == Outcome.ERROR).sum())
-            self.sums[f"reward/{c}_timeouts"] += float((codes == Outcome.TIMEOUT).sum())
-        self.sums["reward/total_mean"] += float(rewards.total_N.double().sum())
+        """Add one leader's rows: the scorer's and group_advantages' own metrics (means over
+        these rows or groups, weighted back into sums; counts as they are)."""
+        rows = len(completions)
+        groups = rows // group_size
+        for key in self.sums:
+            if key in rewards.metrics:  # reward/<c>_mean, _errors, _timeouts, total_mean
+                weight = rows if key.endswith("_mean") else 1
+                self.sums[key] += rewards.metrics[key] * weight
+            elif key in adv.metrics:  # advantage/mean per row; the others per group
+                self.sums[key] += adv.metrics[key] * (rows if key == "advantage/mean"
+                                                      else groups)
+        self.sums["advantage/sum_sq"] += float(adv.advantages_R.double().square().sum())
         self.sums["response/length_mean"] += float(sum(len(c.token_ids) for c in completions))
         self.sums["response/truncated"] += float(sum(c.finish_reason == "length"
                                                      for c in completions))
-        adv = advantages_R.double()
-        self.sums["advantage/mean"] += float(adv.sum())
-        self.sums["advantage/sum_sq"] += float((adv * adv).sum())
-        rewards_PG = rewards.total_N.view(-1, group_size)
-        correct_PG = correct_R.view(-1, group_size)
-        self.sums["advantage/zero_groups"] += float((rewards_PG == rewards_PG[:, :1]).all(1).sum())
-        self.sums["groups/solved_all"] += float(correct_PG.all(1).sum())
-        self.sums["groups/solved_none"] += float((~correct_PG).all(1).sum())
-        self.maxima["advantage/abs_max"] = float(adv.abs().max()) if adv.numel() else 0.0
+        self.maxima["advantage/abs_max"] = adv.metrics["advantage/abs_max"]
         self.maxima["reward/time_s"] = rewards.metrics["reward/time_s"]
 
     def reduce(self, rows: int, groups: int) -> dict[str, float]:

@@ -16,8 +16,10 @@ Against the world-size-1 run with one engine:
 
 A resume at world size 4 continues the straight run exactly.
 
-Cost: about 12 minutes on 2 cores (eight GRPO runs with vLLM engines; a world-size-4 run
-takes about 90 s).
+A bf16 run at world size 2 with two engines passes the gate at the bf16 tolerance.
+
+Cost: about 10 minutes on 2 cores in the full suite (nine GRPO runs with vLLM engines; a
+world-size-4 run takes about 90 s, measured alone).
 """
 
 from __future__ import annotations
@@ -123,3 +125,17 @@ def test_world_size_4_resume_continues_exactly(sft_checkpoint, tp2_dp2, tmp_path
     grpo(tmp_path / "straight", sft_checkpoint, *FAST, *TP2_DP2, nproc=4)
     assert training_rows(split) == training_rows(tmp_path / "straight")
     assert [r["step"] for r in training_rows(split)] == [1, 2, 3, 4]
+
+
+def test_bf16_world_size_2_two_engines(sft_checkpoint, tmp_path):
+    """bf16 through the new path: a TP2 policy with an engine on each rank, so each leader
+    receives its peer's bf16 shard point to point; the gate holds at the bf16 tolerance."""
+    grpo(tmp_path, sft_checkpoint, *FIRST, "model.params_dtype=bf16", "parallel.tensor=2",
+         "rollout.ranks_per_engine=1", nproc=2)
+    rows = read_rows(tmp_path)
+    assert_all_finite(rows)
+    assert [r["step"] for r in training_rows(tmp_path)] == [1, 2]
+    syncs = [r for r in rows if "sync/max_logp_diff" in r]
+    assert max(r["sync/max_logp_diff"] for r in syncs) < 0.5  # sync_check_atol's bf16 default
+    assert all(r["sync/remote_mb"] > 0 and r["sync/other_rank_mb"] == 0 and
+               r["sync/engine_rank_ratio"] == 1.0 for r in syncs)

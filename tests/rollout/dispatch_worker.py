@@ -67,12 +67,16 @@ if __name__ == "__main__":
         batch = RewardBatch(total_N=rewards[mine],
                             components_N={"accuracy": correct[mine].float()},
                             outcomes_N={"accuracy": torch.zeros(len(mine), dtype=torch.uint8)},
-                            metrics={"reward/time_s": 0.5})
+                            metrics={"reward/accuracy_mean": float(correct[mine].float().mean()),
+                                     "reward/accuracy_errors": 0.0,
+                                     "reward/accuracy_timeouts": 0.0,
+                                     "reward/total_mean": float(rewards[mine].mean()),
+                                     "reward/time_s": 0.5})
         part = group_advantages(rewards[mine], correct[mine], G, std_normalize=True)
         completions = [Completion(token_ids=(0,) * int(completion_len[r]), logprobs=(),
                                   text="", finish_reason="length" if r % 3 else "stop")
                        for r in mine]
-        stats.observe(batch, part.advantages_R, correct[mine], completions, G)
+        stats.observe(batch, part, completions, G)
     metrics = stats.reduce(P * G, P)
     for key, value in adv.metrics.items():
         assert abs(metrics[key] - value) < 1e-6, (key, metrics[key], value)
