@@ -207,10 +207,11 @@ def padding_fraction(plans: Sequence[Sequence[MicroBatchPlan]],
 
 
 def _take(source: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tensor:
-    """source[rows, :length] ([B, L]), zero-padded where the source is narrower."""
+    """source[rows, :length] ([B, L, ...]), zero-padded where the source is narrower."""
     taken = source[rows, :length]
     if taken.shape[1] < length:
-        taken = torch.nn.functional.pad(taken, (0, length - taken.shape[1]))
+        filler = taken.new_zeros((taken.shape[0], length - taken.shape[1], *taken.shape[2:]))
+        taken = torch.cat([taken, filler], dim=1)
     return taken
 
 
@@ -223,7 +224,7 @@ def build_microbatch(plan: MicroBatchPlan, lengths_N: torch.Tensor, *,
         plan: its rows and padded length.
         lengths_N: positions each source row uses; beyond them every per-token value must be
             a valid filler (masked out of every loss).
-        per_token: [N, S] sources, taken as [B, L] (or packed).
+        per_token: [N, S, ...] sources, taken as [B, L, ...] (or packed [1, T, ...]).
         per_row: [N] sources, broadcast over each row's positions (e.g. advantages).
 
     Returns:
@@ -257,7 +258,7 @@ def _pack(batch: Batch, n_B: torch.Tensor, total: int) -> Batch:
     for key, value in batch.items():
         flat = value[valid_BL]
         filler = torch.arange(tail, dtype=flat.dtype) if key == "position_ids" \
-            else torch.zeros(tail, dtype=flat.dtype)
+            else flat.new_zeros((tail, *flat.shape[1:]))
         packed[key] = torch.cat([flat, filler]).unsqueeze(0)
     seqlens = [*n_B.tolist(), *([tail] if tail else [])]
     cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
@@ -273,6 +274,6 @@ def split_rows(values: torch.Tensor, batch: Batch) -> list[torch.Tensor]:
     lengths = batch["lengths"].tolist()
     if "cu_seqlens" in batch:
         starts = batch["cu_seqlens"].tolist()
-        flat = values.reshape(-1)
+        flat = values.reshape(-1, *values.shape[2:])
         return [flat[s:s + n] for s, n in zip(starts, lengths)]
     return [values[b, :n] for b, n in enumerate(lengths)]

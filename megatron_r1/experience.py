@@ -8,7 +8,9 @@ outside the completion), so a row can be fed back to the trainer as is
 rejection sampling reads the correct completions back from here, and analysis tools read any
 column without loading the rest.
 
-`step` is the number of optimizer steps of the policy that sampled the row.
+`step` is the number of optimizer steps of the policy that sampled the row. With MoE routing
+replay from the engine (grpo.routing_replay=r3) a `routing` column holds, per row and model
+input position, the experts the engine routed it to: int16 [rows, S, moe_layers, top_k].
 
 Appends are ordered: the per-row arrays are written first and `step` last, so a crash
 mid-append leaves rows that `read` ignores (it reads only up to the length of `step`), and
@@ -46,10 +48,15 @@ class ExperienceStore:
     """Append-only table of sampled outputs (rank 0 writes)."""
 
     def __init__(self, path: str | os.PathLike[str], seq_length: int,
-                 reward_components: list[str]) -> None:
+                 reward_components: list[str],
+                 routing_shape: tuple[int, int] | None = None) -> None:
+        """Args:
+            routing_shape: (moe_layers, top_k) of the `routing` column, None for none.
+        """
         self.path = Path(path)
         self.seq_length = seq_length
         self.components = [f"reward_{name}" for name in reward_components]
+        self.routing_shape = routing_shape
         self.group = zarr.open_group(str(self.path), mode="a")
         rows = int(self._array("step").shape[0]) if "step" in self.group else 0
         for name, (dtype, per_token) in self._schema().items():
@@ -58,13 +65,15 @@ class ExperienceStore:
                                  "(written by another version or reward set): use a new run "
                                  "directory")
             if name not in self.group:
-                shape = (0, seq_length) if per_token else (0,)
-                chunks = (ROWS_PER_CHUNK, seq_length) if per_token else (ROWS_PER_CHUNK * 16,)
-                self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype)
-            elif per_token and self._array(name).shape[1] != seq_length:
-                raise ValueError(f"{self.path}/{name} holds sequences of length "
-                                 f"{self._array(name).shape[1]}, this run uses data.seq_length="
-                                 f"{seq_length}: use a new run directory")
+                shape = self._row_shape(name)
+                chunks = (ROWS_PER_CHUNK, *shape) if per_token else (ROWS_PER_CHUNK * 16,)
+                self.group.create_array(name, shape=(0, *shape), chunks=chunks, dtype=dtype)
+            elif per_token and self._array(name).shape[1:] != self._row_shape(name):
+                moe = f", (MoE layers, top_k)={routing_shape}" if name == "routing" else ""
+                raise ValueError(f"{self.path}/{name} holds rows of shape "
+                                 f"{self._array(name).shape[1:]}, this run's are "
+                                 f"{self._row_shape(name)} (data.seq_length={seq_length}{moe}): "
+                                 "use a new run directory")
         if "step" not in self.group:
             self.group.create_array("step", shape=(0,), chunks=(ROWS_PER_CHUNK * 16,),
                                     dtype="int32")
@@ -75,7 +84,14 @@ class ExperienceStore:
         return array
 
     def _schema(self) -> dict[str, tuple[str, bool]]:
-        return {**COLUMNS, **{name: ("float32", False) for name in self.components}}
+        routing = {"routing": ("int16", True)} if self.routing_shape is not None else {}
+        return {**COLUMNS, **{name: ("float32", False) for name in self.components}, **routing}
+
+    def _row_shape(self, name: str) -> tuple[int, ...]:
+        """One row's shape in column `name`."""
+        if name == "routing" and self.routing_shape is not None:
+            return (self.seq_length, *self.routing_shape)
+        return (self.seq_length,) if self._schema()[name][1] else ()
 
     def __len__(self) -> int:
         return int(self._array("step").shape[0])
@@ -88,15 +104,16 @@ class ExperienceStore:
                 array.resize((rows, *array.shape[1:]))
 
     def append(self, step: int, columns: dict[str, torch.Tensor]) -> None:
-        """Append one rollout's rows; `columns` holds every schema column ([R] or [R, S])."""
+        """Append one rollout's rows; `columns` holds every schema column ([R], [R, S], or
+        for routing [R, S, moe_layers, top_k])."""
         missing = set(self._schema()) - set(columns)
         if missing:
             raise KeyError(f"experience columns missing: {sorted(missing)}")
         rows = int(columns["reward"].shape[0])
         self.truncate(len(self))  # rows a crashed append left behind
-        for name, (dtype, per_token) in self._schema().items():
+        for name, (dtype, _) in self._schema().items():
             value = columns[name].detach().cpu().numpy().astype(dtype)
-            expected = (rows, self.seq_length) if per_token else (rows,)
+            expected = (rows, *self._row_shape(name))
             if value.shape != expected:
                 raise ValueError(f"experience column {name}: shape {value.shape}, expected "
                                  f"{expected}")

@@ -15,6 +15,12 @@ After the last mini-batch the training state may leave the accelerator
 (rollout.offload_train_state), the weights go to every engine group and every engine's
 log-probs of fixed probe sequences must match the trainer's, or the run stops
 (megatron_r1.weight_sync); a non-finite step is skipped and counted.
+
+Train/rollout consistency (MoE above all): every rollout logs how far the trainer's old
+log-probs lie from the engine's (grpo/mismatch.py); grpo.tis_imp_ratio_cap and
+grpo.seq_mask_low/high correct the loss for the gap; grpo.routing_replay makes the trainer's
+forward passes route like the old pass (r2) or like the engine (r3), through megatron-core's
+RouterReplay (model/routing_replay.py), the ids following the rows into every micro-batch.
 """
 
 from __future__ import annotations
@@ -39,10 +45,17 @@ from megatron_r1.data.prompts import PromptExample, prompt_splits
 from megatron_r1.evaluation import EvalResult, evaluate
 from megatron_r1.experience import ExperienceStore
 from megatron_r1.grpo import forward
-from megatron_r1.grpo.rollout_batch import minibatch_order, train_inputs, train_microbatch
+from megatron_r1.grpo.mismatch import Correction, mismatch_metrics, mismatch_partials
+from megatron_r1.grpo.rollout_batch import (
+    RolloutTensors,
+    minibatch_order,
+    train_inputs,
+    train_microbatch,
+)
 from megatron_r1.hf_export import EngineExport
 from megatron_r1.logprobs import REF_MODEL, collect_on_rank0, dense, reference_models, score_rows
-from megatron_r1.model.transformer_config import TORCH_DTYPES
+from megatron_r1.model.routing_replay import RoutingReplay
+from megatron_r1.model.transformer_config import TORCH_DTYPES, moe_layer_pattern
 from megatron_r1.model.weights import copy_weights
 from megatron_r1.offload import ModelOffload, TrainStateOffload
 from megatron_r1.optim import gather_updated_params
@@ -89,6 +102,10 @@ class Stage:
     """rollout.offload_train_state: the optimizer state and gradients during rollout."""
     ref_offload: ModelOffload | None = None
     """grpo.offload_reference: the reference model between its uses."""
+    routing: RoutingReplay | None = None
+    """grpo.routing_replay: record/replay of the policy's MoE routing."""
+    ref_routing: RoutingReplay | None = None
+    """The same for the reference model (it replays what the policy replays)."""
 
     @property
     def cfg(self) -> Config:
@@ -107,6 +124,17 @@ class Stage:
         else:
             with self.ref_offload.on_device():
                 yield
+
+    @property
+    def routing_shape(self) -> tuple[int, int] | None:
+        return _routing_shape(self.cfg)
+
+
+def _routing_shape(cfg: Config) -> tuple[int, int] | None:
+    """(MoE layers, top_k) of the engine's routing that the rows carry (r3), else None."""
+    if cfg.grpo.routing_replay != "r3":
+        return None
+    return sum(moe_layer_pattern(cfg.model)), cfg.model.moe_router_topk
 
 
 # ------------------------------------------------------------------ weight sync
@@ -138,11 +166,65 @@ def _sample(stage: Stage, rollout_index: int) -> dispatch.Generated:
     prompts = [stage.train_prompts[int(i)] for i in order[:cfg.grpo.prompts_per_rollout]]
     sampling = SamplingConfig(n=cfg.grpo.group_size, temperature=cfg.rollout.temperature,
                               top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
-                              seed=cfg.train.seed * 7919 + rollout_index)
+                              seed=cfg.train.seed * 7919 + rollout_index,
+                              return_routing=stage.routing_shape is not None)
     return dispatch.generate_rollout(
         stage.engine, stage.scorer, stage.placement, prompts, sampling,
         components=stage.components,
-        target_language=cfg.reward.target_language, std_normalize=cfg.grpo.std_normalize)
+        target_language=cfg.reward.target_language, std_normalize=cfg.grpo.std_normalize,
+        routing_shape=stage.routing_shape)
+
+
+def _replaying(routing: RoutingReplay | None) -> contextlib.AbstractContextManager[None]:
+    return routing.replaying() if routing is not None else contextlib.nullcontext()
+
+
+def _old_and_ref_logp(stage: Stage, rollout: RolloutTensors, plans: list[MicroBatchPlan],
+                      engine_routing_RSLK: torch.Tensor | None
+                      ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor],
+                                 torch.Tensor | None]:
+    """The old and reference log-probs of this rank's rows, before any update, and the MoE
+    expert ids the training passes replay (None without routing replay): r2 records the old
+    pass's own routing, r3 replays the engine's in the old pass already; the reference pass
+    replays the same ids, so that its KL compares the same routed computation."""
+    session, cfg = stage.session, stage.cfg
+    temperature = cfg.rollout.temperature
+    replay = cfg.grpo.routing_replay
+    routing_RSLK = engine_routing_RSLK if replay == "r3" else None
+    if replay == "r2":
+        assert stage.routing is not None
+        with stage.routing.recording():
+            old = score_rows(session.model, rollout, plans, session, temperature,
+                             routing=stage.routing)
+        routing_RSLK = stage.routing.recorded_table(*rollout.tokens_RS.shape)
+    else:
+        with _replaying(stage.routing):
+            old = score_rows(session.model, rollout, plans, session, temperature,
+                             routing=stage.routing, routing_RSLK=routing_RSLK)
+    ref = old
+    if stage.ref_model is not None:
+        with stage.reference_on_device(), _replaying(stage.ref_routing):
+            ref = score_rows(stage.ref_model, rollout, plans, session, temperature,
+                             routing=stage.ref_routing, routing_RSLK=routing_RSLK)
+    return old, ref, routing_RSLK
+
+
+def _mismatch(stage: Stage, rollout: RolloutTensors, old_RS: torch.Tensor,
+              correction: Correction) -> dict[str, float]:
+    """The rollout's train/rollout mismatch metrics over every rank's rows (grpo/mismatch.py):
+    each last-stage rank of TP rank 0 holds its data-parallel rank's old log-probs."""
+    ctx = stage.session.ctx
+    sums, maxima = mismatch_partials(old_RS, rollout.sampler_logp_RS, rollout.loss_mask_RS,
+                                     threshold=stage.cfg.grpo.mismatch_threshold,
+                                     correction=correction)
+    if not (ctx.is_last_stage and ctx.tp_rank == 0):
+        sums, maxima = torch.zeros_like(sums), torch.full_like(maxima, -torch.inf)
+    if dist.get_world_size() > 1:
+        sums, maxima = sums.to(dispatch.comm_device()), maxima.to(dispatch.comm_device())
+        dist.all_reduce(sums)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+    return mismatch_metrics(sums.cpu(), maxima.cpu(), top_p=stage.cfg.rollout.top_p,
+                            correction=correction)
 
 
 def _rows_of(plans: list[list[list[MicroBatchPlan]]], dp_rank: int) -> list[int]:
@@ -188,25 +270,25 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
     all_mine = [plan for per_step in mine for plan in per_step]
     timings["time/dispatch_s"] = time.perf_counter() - start
 
-    # 3. old (and reference) log-probs of this rank's rows, before any update
+    # 3. old (and reference) log-probs of this rank's rows, before any update; how far the
+    #    trainer's lie from the engine's, and the loss's correction for it
     start = time.perf_counter()
     temperature = cfg.rollout.temperature
-    old = score_rows(session.model, rollout, all_mine, session, temperature)
-    ref = old
-    if stage.ref_model is not None:
-        with stage.reference_on_device():
-            ref = score_rows(stage.ref_model, rollout, all_mine, session, temperature)
+    old, ref, routing_RSLK = _old_and_ref_logp(stage, rollout, all_mine, local.routing_RSLK)
     shape = rollout.tokens_RS.shape
-    inputs = train_inputs(rollout, local.scalars[:, 0].float(), dense(old, shape),
-                          dense(ref, shape), cfg.grpo.loss_aggregation,
-                          cfg.rollout.max_new_tokens)
+    correction = Correction(cfg.grpo.tis_imp_ratio_cap, cfg.grpo.seq_mask_low,
+                            cfg.grpo.seq_mask_high)
+    old_RS = dense(old, shape)
+    inputs = train_inputs(rollout, local.scalars[:, 0].float(), old_RS, dense(ref, shape),
+                          cfg.grpo.loss_aggregation, cfg.rollout.max_new_tokens, correction,
+                          routing_RSLK)
     timings["time/logp_s"] = time.perf_counter() - start
     lengths = dict(enumerate(length_R.tolist()))
 
     # 4. one optimizer step per mini-batch
-    loss_step = forward.loss_step(cfg.grpo, temperature, ctx.tp_group)
+    loss_step = forward.loss_step(cfg.grpo, temperature, ctx.tp_group, stage.routing)
     rollout_metrics = {
-        **generated.metrics, **timings,
+        **generated.metrics, **timings, **_mismatch(stage, rollout, old_RS, correction),
         "batch/padding_fraction": padding_fraction([p for m in plans for p in m], lengths),
         "batch/microbatches_per_step": len(all_mine) / len(minibatches),
         "rollout": float(rollout_index)}
@@ -214,8 +296,9 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
         rollout_metrics.update(stage.train_offload.restore())
     for m in range(len(minibatches)):
         batches = [train_microbatch(rollout, plan, inputs) for plan in mine[m]]
-        result = train_step(session.model, session.optimizer, session.scheduler, batches,
-                            loss_step, forward.LOSS_METRICS, ctx)
+        with _replaying(stage.routing):
+            result = train_step(session.model, session.optimizer, session.scheduler, batches,
+                                loss_step, forward.LOSS_METRICS, ctx)
         step += 1
         logged = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
         logged.update(stage.guard.observe(step, result))
@@ -257,6 +340,8 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
             "sampler_logp": _widen(full.sampler_logp_RS, seq),
             **{name: stored.scalars[:, k].float() for k, name in enumerate(names)},
         }
+        if stored.routing_RSLK is not None:
+            columns["routing"] = _widen(stored.routing_RSLK, seq)
         stage.store.append(sampled_at, columns)
 
     # 6. checkpoint (with the training state still on the device), then offload
@@ -279,8 +364,11 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
 
 
 def _widen(values_RS: torch.Tensor, width: int) -> torch.Tensor:
-    """[R, width]: rows padded with zeros (the experience store's fixed data.seq_length)."""
-    return torch.nn.functional.pad(values_RS, (0, width - values_RS.shape[1]))
+    """[R, width, ...]: rows padded with zeros (the experience store's fixed
+    data.seq_length)."""
+    filler = values_RS.new_zeros((values_RS.shape[0], width - values_RS.shape[1],
+                                  *values_RS.shape[2:]))
+    return torch.cat([values_RS, filler], dim=1)
 
 
 # ------------------------------------------------------------------ the stage
@@ -326,11 +414,12 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
         engine = VLLMEngine(model_dir, cfg.rollout, max_model_len=cfg.data.seq_length + 1,
                             seed=cfg.train.seed, dtype=TORCH_DTYPES[cfg.model.params_dtype],
                             load_format="dummy",
-                            env=engine_environment(group, ctx.launch, ctx.device))
+                            env=engine_environment(group, ctx.launch, ctx.device),
+                            capture_routing=training and cfg.grpo.routing_replay == "r3")
         scorer = RewardScorer.from_config(cfg.reward, num_workers=cfg.reward.num_workers)
     if ctx.rank == 0 and training:
         store = ExperienceStore(session.run_dir / "experience.zarr", cfg.data.seq_length,
-                                list(components))
+                                list(components), routing_shape=_routing_shape(cfg))
     probes = _probe_sequences(eval_prompts or train_prompts, cfg.rollout.sync_check_sequences,
                               tokenizer)
     if training and cfg.rollout.offload_train_state:
@@ -339,12 +428,26 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
     if session.extra_models and cfg.grpo.offload_reference:
         ref_offload = ModelOffload(session.extra_models[REF_MODEL], ctx.device)
         ref_offload.offload()
+    routing = ref_routing = None
+    if training and cfg.grpo.routing_replay != "none":
+        routing = _routing_replay(cfg, session.model, session)
+        if session.extra_models:
+            ref_routing = _routing_replay(cfg, session.extra_models[REF_MODEL], session)
     return Stage(session=session, train_prompts=train_prompts, eval_prompts=eval_prompts,
                  probes=probes, export=export, placement=placement, dp_ranks=dp_ranks,
                  components=components,
                  engine=engine, scorer=scorer, store=store,
                  how=micro_batching(cfg, ctx.layout), train_offload=train_offload,
-                 ref_offload=ref_offload, guard=NonFiniteGuard(cfg.train.max_consecutive_nonfinite))
+                 ref_offload=ref_offload, guard=NonFiniteGuard(cfg.train.max_consecutive_nonfinite),
+                 routing=routing, ref_routing=ref_routing)
+
+
+def _routing_replay(cfg: Config, chunks: list[torch.nn.Module], session: Session
+                    ) -> RoutingReplay:
+    ctx = session.ctx
+    return RoutingReplay(chunks, moe_layer_pattern(cfg.model), tp_group=ctx.tp_group,
+                         sequence_parallel=ctx.layout.sequence_parallel,
+                         recompute_full=cfg.model.recompute == "full")
 
 
 def _check_code_rewards(cfg: Config) -> None:

@@ -30,13 +30,19 @@ REF_MODEL = "ref_model"
 
 
 def score_rows(model: list[torch.nn.Module], rollout: RolloutTensors,
-               plans: list[MicroBatchPlan], session: Session,
-               temperature: float) -> dict[int, torch.Tensor]:
+               plans: list[MicroBatchPlan], session: Session, temperature: float, *,
+               routing: forward.RoutingHook | None = None,
+               routing_RSLK: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """Per-token log-probs (host, float32 [length_R[r]]) of the planned micro-batches' rows
-    under `model`, forward only; known on last-stage ranks, empty elsewhere. Collective."""
+    under `model`, forward only; known on last-stage ranks, empty elsewhere. Collective.
+
+    Args:
+        routing: the model's routing record/replay (model/routing_replay.py), whose mode the
+            caller sets; `routing_RSLK` the expert ids it replays.
+    """
     cfg, ctx = session.cfg, session.ctx
-    step = forward.score_step(temperature, cfg.grpo.fused_loss, ctx.tp_group)
-    batches = [score_microbatch(rollout, plan) for plan in plans]
+    step = forward.score_step(temperature, cfg.grpo.fused_loss, ctx.tp_group, routing)
+    batches = [score_microbatch(rollout, plan, routing_RSLK) for plan in plans]
     with torch.no_grad():
         for chunk in model:
             chunk.eval()

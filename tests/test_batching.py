@@ -95,3 +95,19 @@ def test_split_rows_returns_each_rows_positions(packed):
     rows = split_rows(batch["v"], batch)
     for row, got in zip(plan.rows, rows):
         assert torch.equal(got, values[row, :lengths[row]])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_per_token_values_with_trailing_dims_follow_their_rows(packed):
+    """A per-token source with trailing dims (MoE routing ids [N, S, layers, top_k]) is taken,
+    padded and packed like the rest, and split back per row."""
+    lengths = torch.tensor([3, 1, 4])
+    ids = torch.randint(1, 9, (3, 4, 2, 2), dtype=torch.int16)
+    plan = MicroBatchPlan((2, 0, 1), length=10 if packed else 6, packed=packed)
+    batch = build_microbatch(plan, lengths, per_token={"routing": ids})
+    assert batch["routing"].shape == ((1, 10, 2, 2) if packed else (3, 6, 2, 2))
+    assert batch["routing"].dtype == torch.int16
+    for row, got in zip(plan.rows, split_rows(batch["routing"], batch)):
+        assert torch.equal(got, ids[row, :lengths[row]])
+    if not packed:  # padded beyond the source's width with zeros
+        assert not batch["routing"][:, 4:].any()

@@ -66,3 +66,18 @@ def test_read_only_access_and_a_store_of_another_schema(tmp_path):
     # a reward set with another component: the store cannot grow a column for old rows
     with pytest.raises(ValueError, match="without the column 'reward_format'"):
         ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy", "format"])
+
+
+def test_routing_column(tmp_path):
+    """With routing replay from the engine, each row's experts per position and MoE layer are
+    stored (int16 [rows, S, layers, top_k]); a store of another shape is refused by name."""
+    store = ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy"], routing_shape=(3, 2))
+    ids = torch.randint(0, 8, (4, 5, 3, 2), dtype=torch.int16)
+    store.append(1, {**rollout(4, 5, 0.0), "routing": ids})
+    np.testing.assert_array_equal(read_experience(tmp_path / "x.zarr", ["routing"])["routing"],
+                                  ids.numpy())
+    with pytest.raises(KeyError, match="routing"):
+        store.append(2, rollout(4, 5, 0.0))
+    with pytest.raises(ValueError, match=r"routing holds rows of shape \(5, 3, 2\).*"
+                                         r"\(MoE layers, top_k\)=\(4, 2\)"):
+        ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy"], routing_shape=(4, 2))

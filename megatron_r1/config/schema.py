@@ -467,12 +467,43 @@ class GRPOConfig:
     """Keep the reference model's weights in host memory except while its log-probs are
     computed (once per rollout) or it is refreshed or saved. The planner counts it on the GPU
     in every phase unless this is on."""
+    mismatch_threshold: float = 0.1
+    """Train/rollout mismatch metrics: a token counts as mismatched when the trainer's and the
+    engine's log-probs of it differ by more than this (nats). Logged every rollout as
+    mismatch/* (grpo/mismatch.py)."""
+    tis_imp_ratio_cap: float | None = None
+    """Token-level truncated importance sampling (veRL's name): each token's loss is multiplied
+    by min(pi_old / pi_sampler, cap), correcting for the engine sampling from a slightly
+    different policy than the trainer computes (kernels, precision, MoE routing). None: off
+    (R1 used none). Peers use about 2."""
+    seq_mask_low: float | None = None
+    """Sequence masking: a completion whose geometric-mean ratio exp(mean_t log(pi_old /
+    pi_sampler)) is below this contributes no loss (veRL's rollout_rs "geometric" lower
+    threshold). Set with seq_mask_high; None: off."""
+    seq_mask_high: float | None = None
+    """Sequence masking's upper threshold on the geometric-mean ratio (veRL's
+    rollout_rs_threshold). Set with seq_mask_low; None: off."""
+    routing_replay: Literal["none", "r2", "r3"] = "none"
+    """MoE routing replay in the trainer's forward passes (megatron-core's RouterReplay):
+    r2 records each token's experts while the old log-probs are computed and replays them in
+    the reference and training passes of that rollout; r3 replays the experts the rollout
+    engine routed each token to (captured by vLLM) in the old, reference and training passes.
+    MoE models only. none: every pass routes by itself (R1)."""
 
     def __post_init__(self) -> None:
-        _positive("grpo", self, "group_size", "prompts_per_rollout")
+        _positive("grpo", self, "group_size", "prompts_per_rollout", "tis_imp_ratio_cap",
+                  "seq_mask_low", "seq_mask_high", "mismatch_threshold")
         _non_negative("grpo", self, "clip_low", "clip_high", "kl_coef", "ref_update_interval")
         _require(self.group_size >= 2, "grpo", "group_size", self.group_size,
                  "must be >= 2 (advantages are relative within a group)")
+        if (self.seq_mask_low is None) != (self.seq_mask_high is None):
+            raise ValueError(f"grpo.seq_mask_low={self.seq_mask_low!r} and grpo.seq_mask_high="
+                             f"{self.seq_mask_high!r}: set both (sequence masking keeps "
+                             "ratios in [low, high]) or neither")
+        if self.seq_mask_low is not None and self.seq_mask_high is not None:
+            _require(self.seq_mask_low < 1 < self.seq_mask_high, "grpo", "seq_mask_low",
+                     self.seq_mask_low, f"and grpo.seq_mask_high={self.seq_mask_high!r} must "
+                     "bracket 1 (a policy that agrees with its sampler keeps every sequence)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -641,6 +672,10 @@ class Config:
             raise ValueError(
                 f"train.max_tokens_per_microbatch={budget}: must be >= data.seq_length="
                 f"{self.data.seq_length} (the longest row must fit one micro-batch)")
+        if self.grpo.routing_replay != "none" and not self.model.is_moe:
+            raise ValueError(f"grpo.routing_replay={self.grpo.routing_replay!r}: the model is "
+                             "dense (model.num_experts is 0), there is no routing to replay; "
+                             "use grpo.routing_replay=none")
         if self.data.seq_length > self.model.max_position_embeddings:
             raise ValueError(
                 f"data.seq_length={self.data.seq_length}: exceeds "

@@ -13,7 +13,7 @@ per-row statistics over the TP group (and only those). Batches arrive on the mod
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -24,9 +24,22 @@ from megatron_r1.ops import grpo_token_loss
 Batch = dict[str, Any]
 
 
-def _logits(batch: Batch, model: torch.nn.Module) -> torch.Tensor:
-    return model(batch["tokens"], batch["position_ids"], None,
-                 packed_seq_params=batch.get("packed_seq_params"))
+class RoutingHook(Protocol):
+    """MoE routing record/replay around each model call (model/routing_replay.py)."""
+
+    def before_forward(self, batch: Batch, chunk: torch.nn.Module) -> None: ...
+
+    def after_forward(self, batch: Batch, chunk: torch.nn.Module) -> None: ...
+
+
+def _logits(batch: Batch, model: torch.nn.Module, routing: RoutingHook | None) -> torch.Tensor:
+    if routing is not None:
+        routing.before_forward(batch, model)
+    output = model(batch["tokens"], batch["position_ids"], None,
+                   packed_seq_params=batch.get("packed_seq_params"))
+    if routing is not None:
+        routing.after_forward(batch, model)
+    return output
 
 
 def _vocab_start(logits_BSV: torch.Tensor, tp_group: dist.ProcessGroup | None) -> int:
@@ -47,12 +60,13 @@ def _score_loss(batch: Batch, temperature: float, fused: str, tp_group: Any,
             {"logp": out.logp.float() * mask})
 
 
-def score_step(temperature: float, fused: str, tp_group: Any) -> Any:
+def score_step(temperature: float, fused: str, tp_group: Any,
+               routing: RoutingHook | None = None) -> Any:
     """forward_step returning each label's log-prob (masked positions 0) per micro-batch, in
     the micro-batch's own layout (batching.split_rows gives it back per row)."""
     def step(batch: Batch, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-        return _logits(batch, model), functools.partial(_score_loss, batch, temperature, fused,
-                                                        tp_group)
+        return _logits(batch, model, routing), functools.partial(_score_loss, batch,
+                                                                 temperature, fused, tp_group)
     return step
 
 
@@ -89,9 +103,10 @@ def _grpo_loss(batch: Batch, grpo: GRPOConfig, temperature: float, tp_group: Any
 LOSS_METRICS = ["loss", "kl", "clip_fraction", "entropy", "ratio_mean", "sampler_logp_abs_diff"]
 
 
-def loss_step(grpo: GRPOConfig, temperature: float, tp_group: Any) -> Any:
+def loss_step(grpo: GRPOConfig, temperature: float, tp_group: Any,
+              routing: RoutingHook | None = None) -> Any:
     """forward_step of one GRPO training micro-batch."""
     def step(batch: Batch, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-        return _logits(batch, model), functools.partial(_grpo_loss, batch, grpo, temperature,
-                                                        tp_group)
+        return _logits(batch, model, routing), functools.partial(_grpo_loss, batch, grpo,
+                                                                 temperature, tp_group)
     return step

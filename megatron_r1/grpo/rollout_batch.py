@@ -25,6 +25,7 @@ import torch
 
 from megatron_r1.batching import Batch, MicroBatchPlan, build_microbatch
 from megatron_r1.grpo.loss import LossAggregation, token_weights
+from megatron_r1.grpo.mismatch import Correction, correction_weights
 from megatron_r1.rollout.types import Completion
 
 
@@ -131,11 +132,18 @@ def minibatch_order(rows: int, global_batch_size: int, *, seed: int,
     return list(torch.randperm(rows, generator=generator).split(global_batch_size))
 
 
-def score_microbatch(rollout: RolloutTensors, plan: MicroBatchPlan) -> Batch:
-    """A scoring micro-batch (log-probs only) of the plan's rows."""
+def score_microbatch(rollout: RolloutTensors, plan: MicroBatchPlan,
+                     routing_RSLK: torch.Tensor | None = None) -> Batch:
+    """A scoring micro-batch (log-probs only) of the plan's rows; with `routing_RSLK` (MoE
+    expert ids to replay, [R, S, moe_layers, top_k]) also their ids as `routing`."""
     return build_microbatch(plan, rollout.length_R, per_token={
         "tokens": rollout.tokens_RS, "labels": rollout.labels_RS,
-        "loss_mask": rollout.loss_mask_RS, "sampler_logp": rollout.sampler_logp_RS})
+        "loss_mask": rollout.loss_mask_RS, "sampler_logp": rollout.sampler_logp_RS,
+        **_routing(routing_RSLK)})
+
+
+def _routing(routing_RSLK: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return {} if routing_RSLK is None else {"routing": routing_RSLK}
 
 
 @dataclass(frozen=True)
@@ -149,15 +157,25 @@ class TrainInputs:
     """Each token's weight in the loss aggregation (grpo/loss.py)."""
     counts_R: torch.Tensor
     """Each row's share of the aggregation's denominator."""
+    routing_RSLK: torch.Tensor | None = None
+    """MoE expert ids the training passes replay (grpo.routing_replay), or None."""
 
 
 def train_inputs(rollout: RolloutTensors, advantages_R: torch.Tensor, old_logp_RS: torch.Tensor,
                  ref_logp_RS: torch.Tensor, aggregation: LossAggregation,
-                 max_new_tokens: int) -> TrainInputs:
-    """The per-row training tensors, with the loss aggregation's weights and counts."""
+                 max_new_tokens: int, correction: Correction | None = None,
+                 routing_RSLK: torch.Tensor | None = None) -> TrainInputs:
+    """The per-row training tensors, with the loss aggregation's weights and counts; an
+    enabled importance-sampling `correction` (grpo/mismatch.py) multiplies the weights by each
+    token's TIS factor and zeroes the masked rows' weights (their counts stay)."""
     weights, counts = token_weights(rollout.loss_mask_RS, aggregation, max_new_tokens)
+    if correction is not None and correction.enabled:
+        factor_RS, keep_R = correction_weights(old_logp_RS, rollout.sampler_logp_RS,
+                                               rollout.loss_mask_RS, correction)
+        weights = weights * factor_RS * keep_R.unsqueeze(1).to(weights.dtype)
     return TrainInputs(advantages_R=advantages_R, old_logp_RS=old_logp_RS,
-                       ref_logp_RS=ref_logp_RS, weights_RS=weights, counts_R=counts)
+                       ref_logp_RS=ref_logp_RS, weights_RS=weights, counts_R=counts,
+                       routing_RSLK=routing_RSLK)
 
 
 def train_microbatch(rollout: RolloutTensors, plan: MicroBatchPlan, inputs: TrainInputs) -> Batch:
@@ -168,7 +186,7 @@ def train_microbatch(rollout: RolloutTensors, plan: MicroBatchPlan, inputs: Trai
         per_token={"tokens": rollout.tokens_RS, "labels": rollout.labels_RS,
                    "loss_mask": rollout.loss_mask_RS, "sampler_logp": rollout.sampler_logp_RS,
                    "old_logp": inputs.old_logp_RS, "ref_logp": inputs.ref_logp_RS,
-                   "weights": inputs.weights_RS},
+                   "weights": inputs.weights_RS, **_routing(inputs.routing_RSLK)},
         per_row={"advantages": inputs.advantages_R})
     batch["count"] = inputs.counts_R[batch["rows"]].sum()
     return batch

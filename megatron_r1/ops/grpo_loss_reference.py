@@ -20,6 +20,18 @@ The loss is differentiable w.r.t. the logits; logp, kl, clipped and entropy are 
 metrics. Aggregating the per-token losses (seq-mean-token-mean, token-mean, ...) is the loss
 module's job, not this one's.
 
+Corrected forms (grpo.tis_imp_ratio_cap, grpo.seq_mask_low/high; off by default). The engine
+that sampled the tokens computes pi_sampler, slightly off pi_old; per completion i and token t,
+with d_it = old_logp - sampler_logp:
+
+    tis_it  = min(exp(d_it), cap)                              (token-level TIS)
+    keep_i  = low <= exp(mean_t d_it) <= high                  (sequence masking)
+    loss_it = tis_it * keep_i * mask * -(surr - kl_coef * kl)
+
+The factor is a weight on the per-token loss and its gradient, applied outside this op (as
+the loss aggregation's weights are: `rollout_correction_reference` below computes it the
+obvious way; megatron_r1.grpo.mismatch is the production path).
+
 Tensor suffixes: N = tokens (any leading shape), V = vocabulary.
 """
 
@@ -200,3 +212,27 @@ def grpo_token_loss_reference(
                         kl_estimator=kl_estimator)
     return GRPOTokenLoss(loss=terms.loss_N, logp=logp.detach(), kl=terms.kl_N,
                          clipped=terms.clipped_N, entropy=entropy)
+
+
+def rollout_correction_reference(old_logp: list[Tensor], sampler_logp: list[Tensor], *,
+                                 tis_cap: float | None, seq_low: float | None,
+                                 seq_high: float | None) -> list[Tensor]:
+    """Each completion's per-token factor tis_it * keep_i (see the module docstring), one
+    sequence at a time in float64; None switches a part off.
+
+    Args:
+        old_logp, sampler_logp: per completion, [T_i] log-probs of its tokens under the
+            trainer's pi_old and under the engine that sampled them.
+    """
+    factors = []
+    for old, sampler in zip(old_logp, sampler_logp):
+        d = old.double() - sampler.double()
+        factor = torch.ones_like(d)
+        if tis_cap is not None:
+            factor = torch.minimum(d.exp(), torch.tensor(tis_cap, dtype=torch.float64))
+        if seq_low is not None and seq_high is not None and d.numel():
+            geometric_mean_ratio = float(d.mean().exp())
+            if not seq_low <= geometric_mean_ratio <= seq_high:
+                factor = torch.zeros_like(d)
+        factors.append(factor)
+    return factors

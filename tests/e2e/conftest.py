@@ -11,3 +11,14 @@ def sft_checkpoint(tmp_path_factory):
     from grpo_runs import sft_checkpoint as train
 
     return train(tmp_path_factory.mktemp("sft"))
+
+
+@pytest.fixture(scope="session")
+def initial(tmp_path_factory):
+    """The default config's step-0 checkpoint at world size 1: runs at other layouts start
+    from exactly these weights."""
+    from procs import REPO, run_script
+
+    run = tmp_path_factory.mktemp("init")
+    run_script(REPO / "tests/e2e/save_initial_checkpoint.py", [f"logging.run_dir={run}"])
+    return run / "checkpoints"

@@ -22,19 +22,27 @@ from megatron_r1.train_step import train_step
 
 ROWS, PROMPT = 16, 6
 
-if __name__ == "__main__":
-    cfg = load_config(None, sys.argv[1:])
-    session = start_session(cfg)
+
+def synthetic_rollout(seq_length):
+    """The fixed rollout (also tests/e2e/routing_replay_worker.py's): (rollout, advantages,
+    old log-probs, reference log-probs), the same numbers on every rank and layout."""
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, 500, (PROMPT,), generator=g).tolist() for _ in range(ROWS)]
     lengths = torch.randint(1, 20, (ROWS,), generator=g).tolist()
     lengths[3] = 40  # one long row, as in R1's long-tailed responses
     groups = [[Completion(tuple(torch.randint(3, 500, (n,), generator=g).tolist()),
                           (0.0,) * n, "", "stop")] for n in lengths]
-    rollout = pack_rollout(prompts, groups, cfg.data.seq_length, pad_id=0)
+    rollout = pack_rollout(prompts, groups, seq_length, pad_id=0)
     adv = torch.randn(ROWS, generator=g)
     old = -3 + 0.5 * torch.randn(rollout.tokens_RS.shape, generator=g)
     ref = old + 0.1 * torch.randn(rollout.tokens_RS.shape, generator=g)
+    return rollout, adv, old, ref
+
+
+if __name__ == "__main__":
+    cfg = load_config(None, sys.argv[1:])
+    session = start_session(cfg)
+    rollout, adv, old, ref = synthetic_rollout(cfg.data.seq_length)
     ctx = session.ctx
     how = micro_batching(cfg, ctx.layout)
     plans = plan_microbatches(range(ROWS), rollout.length_R.tolist(), ctx.layout.data, how)

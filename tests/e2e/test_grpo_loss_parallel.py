@@ -19,13 +19,6 @@ AGGREGATIONS = ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def initial(tmp_path_factory):
-    run = tmp_path_factory.mktemp("init")
-    run_script(REPO / "tests/e2e/save_initial_checkpoint.py", [f"logging.run_dir={run}"])
-    return run / "checkpoints"
-
-
 def grpo_step(tmp_path, initial, nproc, *overrides, score=False):
     args = [f"logging.run_dir={tmp_path}", f"checkpoint.load_dir={initial}",
             "checkpoint.load_optimizer=false", "train.global_batch_size=16",

@@ -30,8 +30,14 @@ def test_grpo_trains_logs_and_resumes_exactly(tmp_path, sft_checkpoint):
     for key in ("reward/total_mean", "reward/accuracy_mean", "reward/format_mean", "kl",
                 "entropy", "clip_fraction", "advantage/std", "groups/solved_all",
                 "groups/solved_none", "response/length_mean", "sampler_logp_abs_diff",
-                "batch/padding_fraction", "grad_norm"):
+                "batch/padding_fraction", "grad_norm", "mismatch/logp_abs_diff_mean",
+                "mismatch/logp_abs_diff_max", "mismatch/k3_kl_sampler_trainer",
+                "mismatch/above_threshold_fraction", "mismatch/ratio_mean",
+                "mismatch/ratio_min", "mismatch/ratio_max", "mismatch/ratio_outside_fraction"):
         assert key in first, key
+    # measured every rollout by default: fp32 trainer and engine on the same weights agree
+    assert first["mismatch/logp_abs_diff_max"] < 1e-3
+    assert first["mismatch/above_threshold_fraction"] == 0.0
     assert first["batch/padding_fraction"] < 0.5  # rows padded to their micro-batch's longest
 
     # experience store: both rollouts, every column, rows readable back

@@ -26,13 +26,6 @@ BASE = ["--set", f"train.steps={STEPS}", "--set", "logging.progress_bar=false",
         "--set", "logging.tensorboard=false"]
 
 
-@pytest.fixture(scope="module")
-def initial(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("init")
-    run_script(REPO / "tests/e2e/save_initial_checkpoint.py", [f"logging.run_dir={run}"])
-    return run / "checkpoints"
-
-
 def train(run_dir: Path, initial: Path, nproc: int, *layout: str) -> list[dict]:
     args = ["sft", *BASE, "--set", f"logging.run_dir={run_dir}",
             "--set", f"checkpoint.load_dir={initial}", "--set", "checkpoint.load_optimizer=false"]

@@ -1,5 +1,6 @@
 """Test support: under torchrun (gloo), leaders 0 and 2 hold the rows of a made-up rollout;
-every rank asks for its own rows (and rank 0 for all of them); each rank checks what it got
+every rank asks for its own rows (and rank 0 for all of them), their ids, sampler log-probs,
+scalars and MoE routing (LAYERS x TOP_K expert ids per model input); each rank checks what it got
 against the rollout it can rebuild itself, and the reduced metrics against the single-process
 ones. Prints RESULT ok on every rank that passed.
 
@@ -15,6 +16,7 @@ from megatron_r1.rollout.placement import split_prompts
 from megatron_r1.rollout.types import Completion
 
 P, G = 6, 4
+LAYERS, TOP_K = 2, 3
 LEADERS = (0, 2)
 
 
@@ -27,13 +29,15 @@ def made_up():
            for p, c in zip(prompt_len, completion_len)]
     logp = [-torch.rand(int(c), generator=gen) for c in completion_len]
     rewards = torch.randint(0, 3, (P * G,), generator=gen).float()
-    return prompt_len, completion_len, ids, logp, rewards
+    routing = [torch.randint(0, 64, (int(p + c) - 1, LAYERS, TOP_K), generator=gen,
+                             dtype=torch.int16) for p, c in zip(prompt_len, completion_len)]
+    return prompt_len, completion_len, ids, logp, rewards, routing
 
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    prompt_len, completion_len, ids, logp, rewards = made_up()
+    prompt_len, completion_len, ids, logp, rewards, routing = made_up()
     blocks = split_prompts(P, len(LEADERS))
     holder = [LEADERS[g] for g, b in enumerate(blocks) for _ in b for _ in range(G)]
     held = HeldRows(scalars=torch.zeros(0, 2, dtype=torch.float64))
@@ -41,22 +45,24 @@ if __name__ == "__main__":
         rows = [r for r in range(P * G) if holder[r] == rank]
         held = HeldRows(rows=rows, ids=[ids[r] for r in rows], sampler_logp=[logp[r] for r in rows],
                         scalars=torch.stack([torch.tensor([float(r), -float(r)]) for r in rows]
-                                            ).double())
+                                            ).double(), routing=[routing[r] for r in rows])
     generated = Generated(held=held, prompt_len_R=prompt_len, completion_len_R=completion_len,
-                          holder_R=holder, metrics={})
+                          holder_R=holder, metrics={}, routing_shape=(LAYERS, TOP_K))
     # each rank a different, scattered set of rows, in a scrambled order
     wanted = [torch.randperm(P * G, generator=torch.Generator().manual_seed(d))[:7].tolist()
               for d in range(world)]
-    got_rows, got_ids, got_logp, got_scalars = exchange_rows(generated, wanted)
+    got = exchange_rows(generated, wanted)
+    got_rows, got_ids, got_logp, got_scalars = got.rows, got.ids, got.sampler_logp, got.scalars
     assert sorted(got_rows) == sorted(wanted[rank])
     for i, r in enumerate(got_rows):
         assert torch.equal(got_ids[i], ids[r]), r
         assert torch.equal(got_logp[i], logp[r]), r
         assert got_scalars[i].tolist() == [float(r), -float(r)], r
+        assert torch.equal(got.routing[i], routing[r]), r
     everything = exchange_rows(generated, [list(range(P * G)) if d == 0 else []
                                            for d in range(world)])
     if rank == 0:
-        assert everything[0] == list(range(P * G))  # blocks arrive in row order
+        assert everything.rows == list(range(P * G))  # blocks arrive in row order
 
     # the reduced metrics equal the single-process ones
     stats = _Stats(["accuracy"])
