@@ -83,6 +83,10 @@ class RoutingReplay:
             for module in chunk.modules():
                 if not isinstance(module, TopKRouter):
                     continue
+                if module.config.moe_router_fusion or module.routing_type == "sinkhorn":
+                    # TE's fused top-k and sinkhorn routing never consult router_replay
+                    raise ValueError("routing replay needs megatron's unfused top-k router "
+                                     "(moe_router_fusion off, no sinkhorn routing)")
                 if module.router_replay is None:
                     # what TransformerConfig.moe_enable_routing_replay does at construction,
                     # here after the build so that one model config serves every stage
@@ -185,10 +189,9 @@ class RoutingReplay:
         ids_NK = ids_LBK.reshape(-1, ids_LBK.shape[-1]).long()
         ordered = ids_NK.sort(dim=-1).values
         filler = (ordered[:, 1:] == ordered[:, :-1]).any(dim=-1)  # padding: all zeros
-        if bool(filler.any()):
-            ids_NK = torch.where(filler.unsqueeze(1),
-                                 torch.arange(ids_NK.shape[1], device=ids_NK.device), ids_NK)
-        return ids_NK
+        # (unconditionally: asking whether any token is filler would wait for the device)
+        return torch.where(filler.unsqueeze(1),
+                           torch.arange(ids_NK.shape[1], device=ids_NK.device), ids_NK)
 
     def _whole_sequences(self, recorded_NK: torch.Tensor, batch: int, width: int
                          ) -> torch.Tensor:

@@ -63,7 +63,11 @@ def test_replay_at_world_size_1(base, tmp_path, initial):
     assert max_gap(base["replayed_foreign"], base["natural"]) > 1e-3
     natural = replay_run(tmp_path, initial, 1, "train.micro_batch_size=4",
                          env={"STEP_ROUTING": "natural"})
-    assert abs(natural["grad_norm"] / base["grad_norm"] - 1) > 1e-3  # the step replayed
+    # the step replayed: the foreign routing moves loss, KL and gradient norm by ~1e-4
+    # relative (the tiny model's small init makes routing matter little), a hundred times
+    # what any layout changes them by (~1e-7)
+    for key in ("loss", "kl", "grad_norm"):
+        assert abs(natural[key] / base[key] - 1) > 1e-5, key
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
