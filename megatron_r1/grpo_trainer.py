@@ -45,7 +45,12 @@ from megatron_r1.data.prompts import PromptExample, prompt_splits
 from megatron_r1.evaluation import EvalResult, evaluate
 from megatron_r1.experience import ExperienceStore
 from megatron_r1.grpo import forward
-from megatron_r1.grpo.mismatch import Correction, mismatch_metrics, mismatch_partials
+from megatron_r1.grpo.mismatch import (
+    Correction,
+    mismatch_metrics,
+    mismatch_partials,
+    no_partials,
+)
 from megatron_r1.grpo.rollout_batch import (
     RolloutTensors,
     minibatch_order,
@@ -214,11 +219,11 @@ def _mismatch(stage: Stage, rollout: RolloutTensors, old_RS: torch.Tensor,
     """The rollout's train/rollout mismatch metrics over every rank's rows (grpo/mismatch.py):
     each last-stage rank of TP rank 0 holds its data-parallel rank's old log-probs."""
     ctx = stage.session.ctx
-    sums, maxima = mismatch_partials(old_RS, rollout.sampler_logp_RS, rollout.loss_mask_RS,
-                                     threshold=stage.cfg.grpo.mismatch_threshold,
-                                     correction=correction)
-    if not (ctx.is_last_stage and ctx.tp_rank == 0):
-        sums, maxima = torch.zeros_like(sums), torch.full_like(maxima, -torch.inf)
+    sums, maxima = no_partials()
+    if ctx.is_last_stage and ctx.tp_rank == 0:
+        sums, maxima = mismatch_partials(old_RS, rollout.sampler_logp_RS, rollout.loss_mask_RS,
+                                         threshold=stage.cfg.grpo.mismatch_threshold,
+                                         correction=correction)
     if dist.get_world_size() > 1:
         sums, maxima = sums.to(dispatch.comm_device()), maxima.to(dispatch.comm_device())
         dist.all_reduce(sums)

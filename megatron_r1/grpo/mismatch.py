@@ -109,12 +109,17 @@ def mismatch_partials(old_logp_RS: torch.Tensor, sampler_logp_RS: torch.Tensor,
         total(((ratio < low) | (ratio > high)).double()), total(factor),
         total(truncated),
         float(has_tokens.sum()), float((~keep & has_tokens).sum())], dtype=torch.float64)
-    lowest = -torch.inf if not active.any() else float(-ratio[active].min())
-    maxima = torch.tensor([
-        float(d.abs()[active].max()) if active.any() else -torch.inf,
-        float(ratio[active].max()) if active.any() else -torch.inf, lowest],
-        dtype=torch.float64)
+    maxima = torch.full((len(MAX_KEYS),), -torch.inf, dtype=torch.float64)
+    if active.any():
+        maxima[:] = torch.stack([d.abs()[active].max(), ratio[active].max(),
+                                 -ratio[active].min()])
     return sums, maxima
+
+
+def no_partials() -> tuple[torch.Tensor, torch.Tensor]:
+    """What a rank without rows of its own contributes to the reductions."""
+    return (torch.zeros(len(SUM_KEYS), dtype=torch.float64),
+            torch.full((len(MAX_KEYS),), -torch.inf, dtype=torch.float64))
 
 
 def mismatch_metrics(sums: torch.Tensor, maxima: torch.Tensor, *, top_p: float,
