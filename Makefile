@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.megatron-r1-installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo distill test lint clean
 
 # torch first, so that the csrc/ extension compiles against the torch that will run it
 # (--no-build-isolation). On Python 3.11 this is the CPU build of torch 2.13.0 on local disk,
@@ -29,6 +29,13 @@ install: $(STAMP)
 demo: install
 	$(BIN)/megatron-r1 sft --config configs/demo_sft.yaml
 	$(BIN)/megatron-r1 train --config configs/demo_grpo.yaml
+
+# Distil the demo's GRPO policy (run `make demo` first) into a tiny dense Qwen2 student with its
+# own tokenizer: teacher samples, student built and converted from Hugging Face, SFT, held-out
+# pass@1 before/after, export; writes benchmarks/results/distill_cpu_*.json (~10 minutes).
+distill: install
+	rm -rf runs/distill
+	$(BIN)/python benchmarks/bench_distill.py --root runs/distill
 
 lint: install
 	$(BIN)/ruff check .

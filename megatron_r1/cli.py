@@ -43,6 +43,10 @@ _STAGE_COMMANDS = (
     ("sample", "rejection sampling into an SFT data set",
      "Sample the policy of checkpoint.load_dir on the training prompts (sample.* settings) and "
      "write the correct, readable outputs as JSONL for `sft`."),
+    ("rm", "train a reward model (pairwise or pointwise preferences)",
+     "Train a reward model (a scalar head on the policy's backbone, from checkpoint.load_dir or "
+     "from scratch) on preference pairs (Bradley-Terry) or labelled responses "
+     "(reward_model.objective); held-out accuracy before and after."),
 )
 
 
@@ -103,6 +107,14 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
 
         report = run_sample(cfg)
         log.info("wrote %d outputs to %s", int(report["sample/kept"]), report["output"])
+    elif command == "rm":
+        from megatron_r1.reward_training import run_reward_training
+
+        summary = run_reward_training(cfg)
+        for key in sorted(k for k in summary if k.startswith("eval_") and k.endswith("_end")):
+            name = key.removeprefix("eval_").removesuffix("_end")
+            log.info("held-out %s %.4f -> %.4f", name, summary.get(f"eval_{name}_start",
+                                                                  float("nan")), summary[key])
     return 0
 
 
@@ -113,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.data.sources and args.command not in ("sft", "plan"):
+            # Only SFT mixes sources; rather than ignore the list, the other stages refuse it.
+            raise ValueError(f"data.sources: only `sft` mixes sources; `{args.command}` reads "
+                             "one data file, data.path")
         if getattr(args, "check_world_size", None) is not None:
             resolve_layout(cfg.parallel, cfg.model, cfg.train, args.check_world_size,
                            cfg.data.seq_length)

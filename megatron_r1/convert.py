@@ -369,6 +369,9 @@ def mcore_to_hf(ckpt: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     out = Path(out_dir)
     step = _resolve_step(Path(ckpt))
     meta = json.loads((step / METADATA_FILE).read_text())
+    if "reward_model" in meta:  # a scalar head, no LM head: no causal-LM family holds it
+        raise ValueError(f"{step} is a reward model (`megatron-r1 rm`: a scalar head instead of "
+                         "the LM head); exporting reward models to Hugging Face is not supported")
     src = meta.get("source") or {}
     if model is None:
         if "model" not in meta:

@@ -21,6 +21,12 @@ log-probs lie from the engine's (grpo/mismatch.py); grpo.tis_imp_ratio_cap and
 grpo.seq_mask_low/high correct the loss for the gap; grpo.routing_replay makes the trainer's
 forward passes route like the old pass (r2) or like the engine (r3), through megatron-core's
 RouterReplay (model/routing_replay.py), the ids following the rows into every micro-batch.
+
+All-scenario RL (R1 stage 4): each prompt has a kind; the rule rewards score the kinds of
+reward.rule_kinds, and the reward models of reward.models (trained by `megatron-r1 rm`) the
+others, forward only on the trainer's ranks between generation and advantages
+(reward_serving.py); metrics are logged per kind (reward/kinds.py). Held-out pass@1 is measured
+on the rule-verified prompts.
 """
 
 from __future__ import annotations
@@ -66,7 +72,14 @@ from megatron_r1.offload import ModelOffload, TrainStateOffload
 from megatron_r1.optim import gather_updated_params
 from megatron_r1.plot import plot_grpo_curves
 from megatron_r1.reward.code import SandboxUnavailable, check_sandbox
-from megatron_r1.reward.scoring import RewardScorer, code_limits, reward_components
+from megatron_r1.reward.kinds import RewardRouting, check_prompt_kinds
+from megatron_r1.reward.scoring import RewardScorer, code_limits
+from megatron_r1.reward_serving import (
+    ServedRewardModel,
+    load_reward_models,
+    offload_seconds,
+    score_rollout,
+)
 from megatron_r1.rollout import dispatch
 from megatron_r1.rollout.placement import Placement, resolve_placement, split_prompts
 from megatron_r1.rollout.types import RolloutEngine, SamplingConfig
@@ -94,8 +107,9 @@ class Stage:
     """The engine groups."""
     dp_ranks: list[int]
     """The data-parallel rank of every global rank (who trains which rows)."""
-    components: tuple[str, ...]
-    """The reward components' names (per-row columns of the rollout and the store)."""
+    rewards: RewardRouting
+    """The reward components (rule rewards, then reward models) and the prompt kinds each
+    scores; their names are the per-row columns of the rollout and the store."""
     engine: RolloutEngine | None
     scorer: RewardScorer | None
     store: ExperienceStore | None
@@ -111,6 +125,18 @@ class Stage:
     """grpo.routing_replay: record/replay of the policy's MoE routing."""
     ref_routing: RoutingReplay | None = None
     """The same for the reference model (it replays what the policy replays)."""
+    reward_models: list[ServedRewardModel] = dataclasses.field(default_factory=list)
+    """reward.models, on every rank (forward only, host memory between uses)."""
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return self.rewards.names
+
+    @property
+    def pass_at_1_prompts(self) -> list[PromptExample]:
+        """The held-out prompts evaluation scores: those the rule rewards verify (a general
+        prompt has no reference answer)."""
+        return [q for q in self.eval_prompts if q.kind in self.rewards.rule_kinds]
 
     @property
     def cfg(self) -> Config:
@@ -173,11 +199,13 @@ def _sample(stage: Stage, rollout_index: int) -> dispatch.Generated:
                               top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
                               seed=cfg.train.seed * 7919 + rollout_index,
                               return_routing=stage.routing_shape is not None)
+    session, models = stage.session, stage.reward_models
     return dispatch.generate_rollout(
-        stage.engine, stage.scorer, stage.placement, prompts, sampling,
-        components=stage.components,
+        stage.engine, stage.scorer, stage.placement, prompts, sampling, rewards=stage.rewards,
         target_language=cfg.reward.target_language, std_normalize=cfg.grpo.std_normalize,
-        routing_shape=stage.routing_shape)
+        routing_shape=stage.routing_shape, readers=[s.reader for s in models],
+        score_models=lambda generated: score_rollout(models, generated, session,
+                                                     stage.dp_ranks))
 
 
 def _replaying(routing: RoutingReplay | None) -> contextlib.AbstractContextManager[None]:
@@ -361,6 +389,7 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
     if stage.ref_offload is not None:
         after.update({"offload/reference_gb": stage.ref_offload.nbytes / 1e9,
                       "offload/reference_s": stage.ref_offload.pop_seconds()})
+    after.update(offload_seconds(stage.reward_models))
 
     # 7. weights to every engine group, every engine checked
     after.update(sync_weights(stage))
@@ -406,8 +435,10 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
         raise ValueError(f"data.seq_length={cfg.data.seq_length} cannot hold the longest prompt "
                          f"({longest} tokens) plus rollout.max_new_tokens="
                          f"{cfg.rollout.max_new_tokens}")
+    rewards = _check_kinds(cfg, train_prompts, eval_prompts)
+    reward_models = load_reward_models(cfg, session) if training else []  # before the engines
     export = EngineExport(cfg.model, tokenizer, bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
-    components = tuple(c.name for c in reward_components(cfg.reward))
+    components = rewards.names
     engine = scorer = store = train_offload = ref_offload = None
     if ctx.rank == group.leader and any(q.tests for q in train_prompts + eval_prompts):
         _check_code_rewards(cfg)
@@ -440,7 +471,7 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
             ref_routing = _routing_replay(cfg, session.extra_models[REF_MODEL], session)
     return Stage(session=session, train_prompts=train_prompts, eval_prompts=eval_prompts,
                  probes=probes, export=export, placement=placement, dp_ranks=dp_ranks,
-                 components=components,
+                 rewards=rewards, reward_models=reward_models,
                  engine=engine, scorer=scorer, store=store,
                  how=micro_batching(cfg, ctx.layout), train_offload=train_offload,
                  ref_offload=ref_offload, guard=NonFiniteGuard(cfg.train.max_consecutive_nonfinite),
@@ -453,6 +484,23 @@ def _routing_replay(cfg: Config, chunks: list[torch.nn.Module], session: Session
     return RoutingReplay(chunks, moe_layer_pattern(cfg.model), tp_group=ctx.tp_group,
                          sequence_parallel=ctx.layout.sequence_parallel,
                          recompute_full=cfg.model.recompute == "full")
+
+
+def _check_kinds(cfg: Config, train: list[PromptExample], held_out: list[PromptExample]
+                 ) -> RewardRouting:
+    """The run's reward routing, checked against the prompts: every kind is scored by some
+    reward, and every rule-scored prompt has what the accuracy reward checks."""
+    rewards = RewardRouting.from_config(cfg.reward)
+    source = f"data.path={cfg.data.path!r}" if cfg.data.source == "jsonl" else "data.source"
+    for name, prompts in (("train", train), ("held-out", held_out)):
+        check_prompt_kinds([q.kind for q in prompts], [q.question[:60] for q in prompts],
+                           rewards, f"{source} ({name})")
+        for i, q in enumerate(prompts):
+            if q.kind in rewards.rule_kinds and not (q.answer or q.tests):
+                raise ValueError(f"{source} ({name}): prompt {i} ({q.question[:60]!r}) has kind "
+                                 f"{q.kind!r}, which the rule rewards score, but neither an "
+                                 "answer nor tests")
+    return rewards
 
 
 def _check_code_rewards(cfg: Config) -> None:
@@ -475,13 +523,14 @@ def _evaluate(stage: Stage, step: int) -> dict[str, float]:
     every rank."""
     cfg = stage.cfg
     k = cfg.eval.samples_per_question
-    blocks = split_prompts(len(stage.eval_prompts), len(stage.placement.groups))
+    questions = stage.pass_at_1_prompts
+    blocks = split_prompts(len(questions), len(stage.placement.groups))
     block = blocks[stage.placement.group_of(stage.session.ctx.rank).index]
     sums = torch.zeros(4, dtype=torch.float64)  # pass@1, cons@k, response tokens (x n), n
     if stage.engine is not None and len(block):
         assert stage.scorer is not None
         stage.engine.wake_up()
-        part = evaluate(stage.engine, [stage.eval_prompts[i] for i in block], stage.scorer,
+        part = evaluate(stage.engine, [questions[i] for i in block], stage.scorer,
                         k=k, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                         max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                         seed=cfg.train.seed, target_language=cfg.reward.target_language,

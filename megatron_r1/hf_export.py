@@ -39,7 +39,11 @@ def family_of(model: ModelConfig) -> Family:
         raise ValueError("no Hugging Face family for this MoE config: Qwen3-MoE needs "
                          "model.qk_layernorm=true, no shared expert and softmax routing; "
                          "DeepSeek-V3 needs model.multi_latent_attention=true")
-    return FAMILIES["qwen3"] if model.qk_layernorm else FAMILIES["llama"]
+    if model.qk_layernorm:
+        return FAMILIES["qwen3"]
+    # Qwen2/2.5 (e.g. a distillation student): Llama plus q/k/v biases, which Llama's map
+    # has no rule for.
+    return FAMILIES["qwen2"] if model.add_qkv_bias else FAMILIES["llama"]
 
 
 class EngineExport:

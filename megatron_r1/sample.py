@@ -47,6 +47,11 @@ def run_sample(cfg: Config) -> dict[str, Any]:
     """Sample, filter and write the data set; return the report (on every rank)."""
     stage = open_stage(cfg, training=False)
     try:
+        unverified = sorted({q.kind for q in stage.train_prompts} - stage.rewards.rule_kinds)
+        if unverified:  # rejection sampling keeps verified-correct outputs only
+            raise ValueError(f"data: prompts of kinds {unverified} have no reference answer or "
+                             "tests for rejection sampling to check (reward.rule_kinds="
+                             f"{list(cfg.reward.rule_kinds)}); sample math/code prompts only")
         max_new = cfg.sample.max_new_tokens or cfg.rollout.max_new_tokens
         longest = max(len(q.prompt_ids) for q in stage.train_prompts)
         if longest + max_new > cfg.data.seq_length + 1:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from megatron_r1.checkpoint.dist_ckpt import (
     save_checkpoint,
 )
 from megatron_r1.config import Config, write_resolved_config
-from megatron_r1.config.schema import ModelConfig
+from megatron_r1.config.schema import ModelConfig, ParallelConfig
 from megatron_r1.data.tokenizer import resolve_tokenizer
 from megatron_r1.hf_export import family_of
 from megatron_r1.layout import Layout, resolve_layout
@@ -85,19 +85,24 @@ class Session:
     def is_logging_rank(self) -> bool:
         return self.ctx.rank == 0
 
-    def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
+    def save(self, step: int, trainer_state: dict[str, Any],
+             describe: dict[str, Any] | None = None) -> Path:
         """Checkpoint `step` (collective), with what an export to Hugging Face needs: the
         model config and source in megatron_r1.json, `hf_assets/` in the root (rank 0 gives
-        the root its assets before the first checkpoint that needs them appears)."""
+        the root its assets before the first checkpoint that needs them appears).
+
+        Args:
+            describe: further megatron_r1.json entries of the stage (e.g. `reward_model`)."""
         if self.ctx.rank == 0:
             write_assets(self.checkpoint_dir, copy_from=self.assets_from,
                          tokenizer=self.tokenizer)
         gather_updated_params(self.model)  # type: ignore[arg-type]
-        describe = {"model": dataclasses.asdict(self.cfg.model), "source": self.source}
+        entries = {"model": dataclasses.asdict(self.cfg.model), "source": self.source,
+                   **(describe or {})}
         return save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizer,
                                self.scheduler, trainer_state, self.ctx,
                                keep_last=self.cfg.checkpoint.keep_last,
-                               extra_models=self.extra_models, describe=describe)
+                               extra_models=self.extra_models, describe=entries)
 
 
 def _initial_checkpoint(cfg: Config, own: Path) -> tuple[Path | None, bool]:
@@ -141,15 +146,22 @@ def micro_batching(cfg: Config, layout: Layout) -> MicroBatching:
 
 
 ExtraModels = Callable[[ParallelContext], dict[str, list[torch.nn.Module]]]
+ModelBuilder = Callable[[ModelConfig, ParallelConfig, ParallelContext], list[Any]]
 
 
 def start_session(cfg: Config, launch: LaunchEnv | None = None,
-                  extra_models: ExtraModels | None = None) -> Session:
+                  extra_models: ExtraModels | None = None, *,
+                  build: ModelBuilder = build_model, fresh: Collection[str] = ()) -> Session:
     """Start a training stage on this rank (collective over the job's processes).
 
     Args:
         extra_models: builds further models that are saved with every checkpoint; restored on
             resume (`Session.resumed`), left for the caller to initialise otherwise.
+        build: builds this rank's model chunks (default: the policy; the reward-model stage
+            passes build_reward_model).
+        fresh: state-dict keys of the model that a `checkpoint.load_dir` checkpoint may lack
+            (a reward head on a policy's backbone): they keep their initialisation. The run's
+            own checkpoints always hold everything.
     """
     launch = launch or discover()
     layout = resolve_layout(cfg.parallel, cfg.model, cfg.train, launch.world_size,
@@ -158,7 +170,7 @@ def start_session(cfg: Config, launch: LaunchEnv | None = None,
     run_dir = Path(cfg.logging.run_dir)
     if ctx.rank == 0:
         write_resolved_config(cfg, run_dir)
-    chunks = build_model(cfg.model, cfg.parallel, ctx)
+    chunks = build(cfg.model, cfg.parallel, ctx)
     model: list[torch.nn.Module] = list(wrap_for_training(chunks, cfg.model, cfg.parallel, ctx))
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.model, cfg.parallel,  # type: ignore[arg-type]
                                            cfg.train.steps, ctx)
@@ -170,7 +182,8 @@ def start_session(cfg: Config, launch: LaunchEnv | None = None,
         full = own or cfg.checkpoint.load_optimizer
         state = load_checkpoint(path, model, optimizer if full else None,
                                 scheduler if full else None, ctx,
-                                extra_models=extras if own else None)
+                                extra_models=extras if own else None,
+                                fresh=() if own else fresh)
         if full:
             start_step, trainer_state = state.pop("step"), state
         else:

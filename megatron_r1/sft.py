@@ -4,22 +4,23 @@ Layer L3. The loop reads top to bottom: batches, one optimizer step, metrics, ch
 The loss is the token-level cross-entropy on completion tokens, summed over the step and
 divided by the step's total number of completion tokens over all micro-batches and
 data-parallel ranks (megatron's calculate_per_token_loss), so the result does not depend on
-how the global batch is split.
+how the global batch is split. The data is one source or a weighted `data.sources` mix
+(megatron_r1.data.mix), which adds per-source sample counts and held-out losses to the metrics.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from megatron_r1.batching import plan_microbatches
 from megatron_r1.config import Config
-from megatron_r1.data.sft import MicroBatch, SFTBatchSource, SFTDataset, sft_datasets
+from megatron_r1.data.mix import sft_batch_source
+from megatron_r1.data.sft import MicroBatch, SFTDataset, StepBatch
 from megatron_r1.schedule import LossFn
 from megatron_r1.session import (
     Session,
@@ -28,7 +29,8 @@ from megatron_r1.session import (
     run_tokenizer,
     start_session,
 )
-from megatron_r1.train_step import NonFiniteGuard, eval_step, train_step
+from megatron_r1.supervised import run_steps
+from megatron_r1.train_step import eval_step
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +55,55 @@ def sft_forward_step(batch: MicroBatch, model: torch.nn.Module) -> tuple[torch.T
     return token_loss, functools.partial(_masked_loss, batch["loss_mask"])
 
 
-def _eval_batches(dataset: SFTDataset, session: Session) -> list[MicroBatch]:
+@dataclass(frozen=True)
+class _EvalSet:
+    batches: list[MicroBatch]
+    """This rank's micro-batches of the held-out set."""
+    loss_tokens: int
+    """Loss tokens of those micro-batches over all ranks (weights the overall eval_loss)."""
+
+
+def _eval_set(dataset: SFTDataset, session: Session, name: str) -> _EvalSet:
     """This rank's share of the whole eval set, in fixed order (whole micro-batches only),
     cut as training steps are."""
     layout, how = session.ctx.layout, micro_batching(session.cfg, session.ctx.layout)
     per_round = how.micro_batch_size * layout.data
     usable = len(dataset) // per_round * per_round
+    if name and not usable:  # one source of a mix; a single source keeps today's silence
+        raise ValueError(f"data.sources: the held-out set of {name!r} has {len(dataset)} "
+                         f"samples, fewer than one round of train.micro_batch_size x "
+                         f"data-parallel size = {per_round}")
     plans = plan_microbatches(range(usable), dataset.length_N[:usable].tolist(), layout.data,
                               how)
-    return [dataset.batch(plan) for plan in plans[session.ctx.dp_rank]]
+    return _EvalSet([dataset.batch(plan) for plan in plans[session.ctx.dp_rank]],
+                    int(dataset.loss_mask_NS[:usable].sum().item()))
+
+
+def _held_out(evaluate: Callable[[list[MicroBatch]], dict[str, float]],
+              sets: dict[str, _EvalSet]) -> dict[str, float]:
+    """`eval_loss` over every held-out loss token and, for a mix, `eval_loss/<name>` per
+    source; the overall loss weighs the sources by their tokens (as one concatenated set
+    would), not by the mix weights."""
+    losses = {name: evaluate(s.batches)["loss"] for name, s in sets.items() if s.batches}
+    if list(losses) == [""]:
+        return {"eval_loss": losses[""]}
+    if not losses:
+        return {}
+    total = sum(sets[name].loss_tokens for name in losses)
+    result = {f"eval_loss/{name}": loss for name, loss in losses.items()}
+    result["eval_loss"] = sum(loss * sets[name].loss_tokens for name, loss in losses.items()
+                              ) / total
+    return result
+
+
+def _batch_metrics(batch: StepBatch) -> dict[str, float]:
+    """The step's loss tokens over all ranks, and a mix's per-source sample counts: this
+    step's and the run's so far."""
+    metrics = {"loss_tokens": float(batch.global_loss_tokens)}
+    metrics.update({f"data/{name}_samples": float(n) for name, n in batch.source_samples.items()})
+    metrics.update({f"data/{name}_consumed_samples": float(n)
+                    for name, n in batch.source_consumed.items()})
+    return metrics
 
 
 def run_sft(cfg: Config) -> dict[str, float]:
@@ -77,50 +119,29 @@ def run_sft(cfg: Config) -> dict[str, float]:
 def _train(cfg: Config, session: Session) -> dict[str, float]:
     ctx = session.ctx
     tokenizer = run_tokenizer(session)
-    train_set, eval_set = sft_datasets(cfg.data, tokenizer, seed=cfg.data.seed)
-    source = SFTBatchSource(train_set, global_batch_size=cfg.train.global_batch_size,
-                            micro_batching=micro_batching(cfg, ctx.layout), dp_rank=ctx.dp_rank,
-                            dp_size=ctx.layout.data, seed=cfg.data.seed)
+    source, eval_data = sft_batch_source(
+        cfg.data, tokenizer, global_batch_size=cfg.train.global_batch_size,
+        micro_batching=micro_batching(cfg, ctx.layout), dp_rank=ctx.dp_rank,
+        dp_size=ctx.layout.data)
     if "data" in session.trainer_state:
         source.load_state_dict(session.trainer_state["data"])
     evaluate = functools.partial(eval_step, session.model, forward_step=sft_forward_step,
                                  metric_keys=METRIC_KEYS, ctx=ctx)
-    guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite)
-    eval_batches = _eval_batches(eval_set, session) if eval_set is not None else []
+    eval_sets = {name: _eval_set(dataset, session, name) for name, dataset in eval_data.items()}
 
     summary: dict[str, float] = {}
-    if eval_batches:
-        summary["eval_loss_start"] = evaluate(eval_batches)["loss"]
-        session.metrics.log(session.start_step, {"eval_loss": summary["eval_loss_start"]})
-    bar = tqdm(total=cfg.train.steps, initial=session.start_step, desc="sft", unit="step",
-               disable=not (session.is_logging_rank and cfg.logging.progress_bar))
-    metrics: dict[str, float] = {}
-    last = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
-    for step in range(session.start_step + 1, last + 1):
-        batch = source.next_step()
-        result = train_step(session.model, session.optimizer, session.scheduler,
-                            batch.micro_batches, sft_forward_step, METRIC_KEYS, ctx)
-        metrics = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
-        metrics.update(guard.observe(step, result))
-        # positions the step trained on over all ranks, padding excluded
-        metrics["tokens_per_s"] = batch.global_positions / metrics["step_time_s"]
-        metrics["loss_tokens"] = float(batch.global_loss_tokens)
-        metrics["padding_fraction"] = batch.padding_fraction
-        metrics["epoch"] = float(batch.epoch)
-        if step % cfg.logging.log_interval == 0 or step == last:
-            session.metrics.log(step, metrics)
-        bar.set_postfix(loss=f"{result.metrics['loss']:.4f}",
-                        gnorm=f"{metrics.get('grad_norm', float('nan')):.3f}")
-        bar.update(1)
-        interval = cfg.checkpoint.save_interval
-        if (interval and step % interval == 0) or step == last:
-            start = time.perf_counter()
-            path = session.save(step, {"data": source.state_dict()})
-            if session.is_logging_rank:
-                log.info("saved %s in %.1f s", path, time.perf_counter() - start)
-    bar.close()
-    if eval_batches:
-        summary["eval_loss_end"] = evaluate(eval_batches)["loss"]
-        session.metrics.log(last, {"eval_loss": summary["eval_loss_end"]})
+    held_out = _held_out(evaluate, eval_sets)
+    if held_out:
+        summary["eval_loss_start"] = held_out["eval_loss"]
+        session.metrics.log(session.start_step, held_out)
+    metrics, last = run_steps(
+        session, source, sft_forward_step, METRIC_KEYS, desc="sft",
+        postfix=lambda m: {"loss": f"{m['loss']:.4f}",
+                           "gnorm": f"{m.get('grad_norm', float('nan')):.3f}"},
+        batch_metrics=_batch_metrics)
+    held_out = _held_out(evaluate, eval_sets)
+    if held_out:
+        summary["eval_loss_end"] = held_out["eval_loss"]
+        session.metrics.log(last, held_out)
     return {**metrics, **summary}
 

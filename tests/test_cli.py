@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from procs import run_module
+from procs import REPO, run_module
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -47,3 +47,20 @@ def test_code_prompts_need_a_reward_time_limit_for_their_tests(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert ("megatron-r1 sample: error: reward.timeout_s=2.0: the prompts hold code tests, and "
             "one test may take 5 s") in proc.stderr
+
+
+R1_PIPELINE = [  # (command, config): every stage of DeepSeek-R1 on the 671B policy
+    ("train", "deepseek_v3_671b_r1zero"), ("sft", "r1_stage1_cold_start"),
+    ("train", "r1_stage2_reasoning_rl"), ("sample", "r1_stage3_sample"),
+    ("sft", "r1_stage3_sft_mix"), ("rm", "r1_reward_helpfulness"), ("rm", "r1_reward_safety"),
+    ("train", "r1_stage4_all_scenario"),
+]
+
+
+@pytest.mark.parametrize(("command", "config"), R1_PIPELINE)
+def test_every_r1_stage_config_is_valid_on_512_gpus(command, config, capsys):
+    from megatron_r1.cli import main
+
+    path = REPO / "configs" / f"{config}.yaml"
+    assert main([command, "--config", str(path), "--check-world-size", "512"]) == 0
+    assert "config and layout valid for 512 process(es)" in capsys.readouterr().out

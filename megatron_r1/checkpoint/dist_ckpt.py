@@ -24,6 +24,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -223,18 +224,40 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _drop_absent(path: Path, template: dict[str, Any], num_chunks: int,
+                 fresh: Collection[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Take the `fresh` entries the checkpoint lacks out of the model part of `template`;
+    return them per model key with their current (initialised) tensors, to load as they are."""
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    kept: dict[str, dict[str, torch.Tensor]] = {}
+    for i in range(num_chunks):
+        state = template[_model_key(i, num_chunks)]
+        for name in fresh:
+            entry = state.get(name)
+            if entry is not None and entry.key not in saved:
+                kept.setdefault(_model_key(i, num_chunks), {})[name] = state.pop(name).data
+    return kept
+
+
 def load_checkpoint(path: str | os.PathLike[str], model: list[torch.nn.Module],
                     optimizer: MegatronOptimizer | None, scheduler: OptimizerParamScheduler | None,
                     ctx: ParallelContext, *,
-                    extra_models: dict[str, list[torch.nn.Module]] | None = None
-                    ) -> dict[str, Any]:
+                    extra_models: dict[str, list[torch.nn.Module]] | None = None,
+                    fresh: Collection[str] = ()) -> dict[str, Any]:
     """Load a checkpoint into `model` (and `optimizer`/`scheduler` unless None, and the
     `extra_models` it was saved with); return the trainer state saved with it plus `step`.
     Collective.
 
+    Args:
+        fresh: `model` state-dict keys the checkpoint may lack (a reward model's new head on
+            a policy's backbone); those it lacks keep their initialised values. Any other
+            missing tensor is still an error.
+
     Raises:
         ValueError: optimizer state requested from a checkpoint of another model-parallel
-            layout (it cannot be resharded; pass optimizer=None to load weights only).
+            layout (it cannot be resharded; pass optimizer=None to load weights only), or
+            from a checkpoint lacking some `fresh` tensors (its optimizer state belongs to
+            another model).
     """
     path = Path(path)
     metadata = read_metadata(path)
@@ -254,9 +277,20 @@ def load_checkpoint(path: str | os.PathLike[str], model: list[torch.nn.Module],
     template = _sharded_state_dict(model, optimizer, scheduler, {}, ctx, is_loading=True,
                                    with_rng=same_world and optimizer is not None,
                                    extra_models=extra_models)
+    kept = _drop_absent(path, template, len(model), fresh) if fresh else {}
+    if fresh and optimizer is not None:
+        # Agreed on by every rank: only the stages holding the fresh tensors see them missing.
+        absent = agree_on_first(", ".join(sorted({k for keys in kept.values() for k in keys}))
+                                or None, ctx)
+        if absent is not None:
+            raise ValueError(
+                f"checkpoint {path} has no {absent} (a policy checkpoint for a reward model?): "
+                "its optimizer state belongs to another model. Set "
+                "checkpoint.load_optimizer=false to load the weights only.")
     loaded = dist_checkpointing.load(template, str(path))
     for i, chunk in enumerate(model):
-        _module(chunk).load_state_dict(loaded[_model_key(i, len(model))])
+        key = _model_key(i, len(model))
+        _module(chunk).load_state_dict({**loaded[key], **kept.get(key, {})})
     for name, chunks in extra_models.items():
         for i, chunk in enumerate(chunks):
             state = loaded[name][_model_key(i, len(chunks))]

@@ -6,7 +6,9 @@ it key by key within each section, so a family of runs shares one model section 
 repeating it.
 
 Layer L0. Values are checked against the dataclass annotations here (type errors name the
-key); range and cross-field rules live in each section's __post_init__ (schema.py). The
+key); a `tuple[X, ...]` field takes a YAML list and a dataclass item a mapping, named by index
+(`data.sources[1].weight`), and `--set section.key[i].field=value` changes one field of an
+item. Range and cross-field rules live in each section's __post_init__ (schema.py). The
 resolved config is written into the run directory atomically (temp file, then rename).
 """
 
@@ -45,6 +47,10 @@ def _describe(annotation: Any) -> str:
         return " | ".join(_describe(a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return "null"
+    if origin is tuple:
+        return f"a list (each item: {_describe(typing.get_args(annotation)[0])})"
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return f"a mapping of {annotation.__name__} fields"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -82,6 +88,17 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     elif annotation is str:
         if isinstance(value, str):
             return value
+    elif origin is tuple and typing.get_args(annotation)[1:] == (Ellipsis,):
+        # A YAML list becomes a tuple (the sections stay hashable), each item checked and
+        # named by its index: `data.sources[1].weight`.
+        if isinstance(value, list | tuple):
+            item = typing.get_args(annotation)[0]
+            return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    elif dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+        if isinstance(value, dict):
+            return _build_section(annotation, value, where)
     else:  # pragma: no cover - a schema field of a type this loader does not know
         raise AssertionError(f"unsupported annotation {annotation!r} for {where}")
     raise TypeError(f"{where}: expected {_describe(annotation)}, got {type(value).__name__} "
@@ -96,6 +113,10 @@ def _build_section(cls: type, values: dict[str, Any], section: str) -> Any:
         if key not in fields:
             raise ValueError(f"unknown key {section}.{key}{_known(fields, key)}")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    for f in dataclasses.fields(cls):  # sections have defaults; list items may not
+        if (f.name not in kwargs and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING):
+            raise ValueError(f"{section}.{f.name}: required, missing")
     return cls(**kwargs)
 
 
@@ -117,18 +138,45 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return Config(**sections)
 
 
+_OVERRIDE_RE = re.compile(r"^(\w+)\.(\w+(?:\[\d+\]\.\w+)?)$")
+_ITEM_KEY_RE = re.compile(r"^(\w+)\[(\d+)\]\.(\w+)$")
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """Split `section.key=value` into its parts; the value is parsed as YAML (`true`, `3`,
-    `0.5`, `null`, `[1, 2]` become typed values; anything else stays a string)."""
+    `0.5`, `null`, `[1, 2]`, `[{path: a.jsonl, weight: 3}]` become typed values; anything else
+    stays a string). The key may name one field of a list item, `data.sources[1].weight=2`
+    (key `sources[1].weight`)."""
     path, sep, raw = text.partition("=")
-    parts = path.strip().split(".")
-    if not sep or len(parts) != 2 or not all(parts):
-        raise ValueError(f"--set {text!r}: expected section.key=value, e.g. grpo.kl_coef=0.001")
+    match = _OVERRIDE_RE.match(path.strip())
+    if not sep or match is None:
+        raise ValueError(f"--set {text!r}: expected section.key=value, e.g. grpo.kl_coef=0.001 "
+                         "(or section.key[i].field=value for an item of a list)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return parts[0], parts[1], value
+    return match.group(1), match.group(2), value
+
+
+def _apply_override(section: str, values: dict[str, Any], key: str, value: Any) -> None:
+    """Set `key` of a section's sparse values; `name[i].field` sets one field of item i of
+    the list the file (or an earlier --set) gave `name`."""
+    item = _ITEM_KEY_RE.match(key)
+    if item is None:
+        values[key] = value
+        return
+    name, index, field = item.group(1), int(item.group(2)), item.group(3)
+    items = values.get(name)
+    if not isinstance(items, list) or not index < len(items) or not isinstance(items[index],
+                                                                              dict):
+        count = len(items) if isinstance(items, list) else 0
+        raise ValueError(f"--set {section}.{key}: {section}.{name} has {count} entries (from "
+                         f"the config file and earlier --set); set the whole list with "
+                         f"--set {section}.{name}=[...]")
+    items = list(items)  # the file's list is not changed in place
+    items[index] = {**items[index], field: value}
+    values[name] = items
 
 
 BASE_KEY = "base"
@@ -195,7 +243,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
         section_values = data.setdefault(section, {})
         if not isinstance(section_values, dict):
             raise TypeError(f"config section {section!r} must be a mapping of keys")
-        section_values[key] = value
+        _apply_override(section, section_values, key, value)
     try:
         return config_from_dict(data)
     except (TypeError, ValueError) as err:

@@ -9,7 +9,10 @@ group exists.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Literal
 
 Dtype = Literal["fp32", "bf16", "fp16"]
@@ -321,6 +324,43 @@ class OptimConfig:
                  f"cannot exceed optim.lr={self.lr}")
 
 
+_METRIC_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataSourceConfig:
+    """One JSONL source of an SFT mix (`data.sources`): {"prompt", "completion"} lines, as
+    data.path holds, drawn with a relative weight. Checked by DataConfig, which knows its
+    index (`data.sources[1].weight`)."""
+
+    path: str
+    """The JSONL file."""
+    weight: float
+    """Relative sampling weight (> 0): each sample of the stream comes from this source with
+    probability weight / the sum of all the sources' weights."""
+    name: str = ""
+    """Name in the metrics (`data/<name>_samples`, `eval_loss/<name>`); empty: the file's stem.
+    Letters, digits, `_`, `.` and `-`; unique in the mix."""
+    eval_path: str | None = None
+    """Held-out examples of this source (its `eval_loss/<name>`); without it, a
+    data.eval_fraction share of `path` is held out (none when that is 0)."""
+
+    def __post_init__(self) -> None:
+        if not self.name and self.path:
+            object.__setattr__(self, "name", PurePath(self.path).stem)  # frozen: set once here
+
+    def check(self, where: str) -> None:
+        """Raise a ValueError naming `where` (e.g. `data.sources[1]`) and the bad field."""
+        _require(bool(self.path), where, "path", self.path, "must name a JSONL file")
+        _require(math.isfinite(self.weight) and self.weight > 0, where, "weight", self.weight,
+                 "must be a finite number > 0 (a relative sampling weight)")
+        _require(bool(_METRIC_NAME_RE.match(self.name)), where, "name", self.name,
+                 "must be letters, digits, '_', '.' or '-' (it names metrics); set "
+                 f"{where}.name")
+        _require(self.eval_path is None or bool(self.eval_path), where, "eval_path",
+                 self.eval_path, "must name a JSONL file or be null")
+
+
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     """Where training text comes from and how it becomes token sequences."""
@@ -335,7 +375,14 @@ class DataConfig:
     before/after evaluation, `eval`, and the weight-sync probes read it."""
     eval_fraction: float = 0.0
     """Without data.eval_path: hold out this share of data.path's lines (chosen under
-    data.seed, the same for every stage reading the file) instead."""
+    data.seed, the same for every stage reading the file) instead. With data.sources: of
+    each source that has no eval_path."""
+    sources: tuple[DataSourceConfig, ...] = ()
+    """SFT only: a weighted mix of JSONL sources instead of data.path (R1 stage 3: ~600k
+    rejection-sampled reasoning samples and ~200k non-reasoning ones). Each sample of the
+    stream is drawn from source i with probability weight_i / sum(weights), each source read
+    in its own shuffled order (megatron_r1.data.mix). Needs source=jsonl and no path; `train`,
+    `eval` and `sample` refuse it."""
     tokenizer: str | None = None
     """Directory of a Hugging Face tokenizer; None builds the project's own small BPE
     tokenizer for the arithmetic task (cached in the run directory)."""
@@ -371,8 +418,22 @@ class DataConfig:
                  f"cannot exceed data.arithmetic_max_ops={self.arithmetic_max_ops}")
         _require(0.0 <= self.eval_fraction < 1.0, "data", "eval_fraction", self.eval_fraction,
                  "must be in [0, 1)")
-        if self.source == "jsonl":
-            _require(bool(self.path), "data", "path", self.path, "is required for source=jsonl")
+        if self.sources:
+            _require(self.source == "jsonl", "data", "source", self.source,
+                     "must be jsonl when data.sources is set (the sources are JSONL files)")
+            _require(self.path is None, "data", "path", self.path,
+                     "must be unset when data.sources is set (each source names its file)")
+            _require(self.eval_path is None, "data", "eval_path", self.eval_path,
+                     "must be unset when data.sources is set (use data.sources[i].eval_path)")
+            names: set[str] = set()
+            for i, entry in enumerate(self.sources):
+                entry.check(f"data.sources[{i}]")
+                _require(entry.name not in names, f"data.sources[{i}]", "name", entry.name,
+                         "is taken by an earlier source (names must be unique; set name)")
+                names.add(entry.name)
+        elif self.source == "jsonl":
+            _require(bool(self.path), "data", "path", self.path,
+                     "is required for source=jsonl (or list data.sources)")
         else:
             for key in ("eval_path", "eval_fraction"):
                 _require(not getattr(self, key), "data", key, getattr(self, key),
@@ -506,9 +567,48 @@ class GRPOConfig:
                      "bracket 1 (a policy that agrees with its sampler keeps every sequence)")
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RewardModelSpec:
+    """One reward model served to GRPO (`reward.models`, R1's stage-4 general-purpose RL): a
+    checkpoint written by `megatron-r1 rm`, scoring the completions of some prompt kinds."""
+
+    name: str
+    """Metric and reward-column name (`reward/<name>_mean`, the store's `reward_<name>`)."""
+    checkpoint: str
+    """The reward model's checkpoint directory (a run's checkpoints/ or one step_* in it);
+    its megatron_r1.json names the architecture, its hf_assets/ the tokenizer."""
+    weight: float = 1.0
+    """Weight of its score (a logit: unbounded) in the total reward of the rows it scores."""
+    kinds: tuple[str, ...] = ("general",)
+    """Prompt kinds (the prompt line's `kind`) whose completions it scores."""
+    scores: Literal["answer", "response"] = "answer"
+    """What it reads: `answer`, the final summary only (R1's helpfulness model: the text in
+    <answer>...</answer>, or after </think>), or `response`, the whole completion, reasoning
+    included (R1's safety model)."""
+    max_length: int | None = None
+    """Ids it scores per completion (prompt + response, cut as megatron_r1.data.preference
+    says); default: its training's data.seq_length (recorded in its checkpoint)."""
+
+    def __post_init__(self) -> None:
+        where = f"reward.models[{self.name!r}]"
+        _require(bool(self.name) and "/" not in self.name, where, "name", self.name,
+                 "must be a non-empty name without '/'")
+        _require(bool(self.checkpoint), where, "checkpoint", self.checkpoint,
+                 "must name a reward-model checkpoint directory")
+        _require(self.weight != 0, where, "weight", self.weight,
+                 "must not be 0 (drop the entry instead)")
+        _require(bool(self.kinds), where, "kinds", self.kinds, "must name at least one kind")
+        _positive(where, self, "max_length")
+
+
+RULE_COMPONENTS = ("accuracy", "format", "language")
+"""The rule rewards' names, in their column order (names reward models may not take)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class RewardConfig:
-    """Rule-based rewards: total = sum of weight x component."""
+    """Rewards: total = sum of weight x component. The rule rewards score the completions of
+    `rule_kinds` prompts; each of `models` the completions of its own kinds."""
 
     accuracy_weight: float = 1.0
     """Weight of the verified-answer reward."""
@@ -535,10 +635,32 @@ class RewardConfig:
     """Code prompts: the interpreter inside the sandbox (stdlib only)."""
     num_workers: int = 2
     """Reward worker processes per scoring rank (a hung verifier is killed, not waited on)."""
+    rule_kinds: tuple[str, ...] = ("math", "code")
+    """Prompt kinds the rule rewards (accuracy, language; format too) score. A prompt line's
+    `kind` defaults to `math` (it has an `answer`) or `code` (it has `tests`)."""
+    format_kinds: tuple[str, ...] | None = None
+    """Prompt kinds the format reward scores; None: every kind (R1 stage 4: a general
+    sample's reward is its reward models' plus the format reward)."""
+    models: tuple[RewardModelSpec, ...] = ()
+    """Reward models (R1 stage 4: helpfulness, safety), served on the trainer's ranks; empty:
+    rule rewards only (R1-Zero and the reasoning RL stage)."""
 
     def __post_init__(self) -> None:
         _positive("reward", self, "timeout_s", "num_workers", "code_time_s", "code_memory_mb",
                   "code_output_kb", "code_processes")
+        names = [m.name for m in self.models]
+        for name in names:
+            _require(names.count(name) == 1 and name not in RULE_COMPONENTS, "reward", "models",
+                     name, "reward model names must be unique and differ from the rule "
+                     f"rewards {RULE_COMPONENTS}")
+        for kind in (*self.rule_kinds, *(k for m in self.models for k in m.kinds)):
+            _require(bool(kind) and "/" not in kind, "reward", "rule_kinds", kind,
+                     "a kind is a non-empty name without '/'")
+        for model in self.models:
+            shared = sorted(set(model.kinds) & set(self.rule_kinds))
+            _require(not shared, "reward", "models", model.name,
+                     f"scores kinds {shared} that reward.rule_kinds also scores; a kind takes "
+                     "rule rewards or model rewards")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -602,6 +724,25 @@ class SampleConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class RewardModelConfig:
+    """The reward-model stage (`megatron-r1 rm`): a GPTModel backbone with a scalar head,
+    trained on preference data (R1 stage 4's helpfulness and safety reward models)."""
+
+    objective: Literal["pairwise", "pointwise"] = "pairwise"
+    """`pairwise`: {"prompt", "chosen", "rejected"} lines, Bradley-Terry loss
+    -log sigmoid(r_chosen - r_rejected) (the paper's helpfulness model); `pointwise`:
+    {"prompt", "response", "label"} lines (label 0/1 or false/true), binary cross-entropy on
+    the score as a logit (the paper's safety model). train.global_batch_size and
+    train.micro_batch_size count examples: pairs (two sequences each) or responses. With
+    data.source=arithmetic the examples are generated: pairs prefer the correct final answer
+    over a wrong one; pointwise labels say whether the final answer is correct."""
+
+    def __post_init__(self) -> None:
+        _require(self.objective in ("pairwise", "pointwise"), "reward_model", "objective",
+                 self.objective, "must be pairwise or pointwise")
+
+
+@dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
     """megatron dist_checkpointing save and resume."""
 
@@ -657,6 +798,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -3,7 +3,9 @@
 Layer L1. Two sources, as for SFT: the built-in arithmetic task (train and held-out splits of
 data.py's generator) or a JSONL file of {"prompt": ..., "answer": ...} (math) and
 {"prompt": ..., "tests": [{"input": ..., "output": ...}]} (code) objects (errors name the file
-and line). Prompts are rendered with the configured template and tokenized once.
+and line). Any line may carry a `kind` (R1's all-scenario RL: `general` prompts, scored by
+reward models, need neither answer nor tests); without one it is `math` or `code` by what it
+carries. Prompts are rendered with the configured template and tokenized once.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class PromptExample:
     tests: tuple[tuple[str, str], ...] = ()
     """A code prompt's (stdin, expected stdout) tests; the accuracy reward then runs the
     completion's program on them."""
+    kind: str = "math"
+    """Which rewards score it (reward.rule_kinds, reward.models[].kinds)."""
 
 
 Tests = tuple[tuple[str, str], ...]
@@ -57,38 +61,52 @@ def _answer(value: object) -> str:
     return value
 
 
-def read_prompt_jsonl(path: str | Path) -> list[tuple[str, str, Tests]]:
-    """(prompt, answer, tests) from a JSONL file: {"prompt": ..., "answer": ...} for a math
-    prompt, {"prompt": ..., "tests": [{"input": ..., "output": ...}, ...]} for a code prompt.
-    The errors name the file and line."""
-    def math_or_code(record: dict[str, object]) -> None:
-        if "answer" not in record and "tests" not in record:
-            raise ValueError("needs \"answer\" (a math prompt) or \"tests\" (a code prompt)")
+def _kind(value: object) -> str:
+    if not (isinstance(value, str) and value and "/" not in value):
+        raise ValueError(f"must be a non-empty name without '/', got {value!r}")
+    return value
 
-    records = read_jsonl_records(path, ("prompt",), {"answer": _answer, "tests": _code_tests},
-                                 check=math_or_code)
-    return [(r["prompt"], r.get("answer", ""), r.get("tests", ())) for r in records]
+
+Row = tuple[str, str, Tests, str]
+"""(question, answer, tests, kind) of one prompt."""
+
+
+def read_prompt_jsonl(path: str | Path) -> list[Row]:
+    """(prompt, answer, tests, kind) from a JSONL file: {"prompt": ..., "answer": ...} for a
+    math prompt, {"prompt": ..., "tests": [{"input": ..., "output": ...}, ...]} for a code
+    prompt, {"prompt": ..., "kind": "general"} for one scored by reward models. The errors name
+    the file and line."""
+    def scorable(record: dict[str, object]) -> None:
+        if "answer" not in record and "tests" not in record and "kind" not in record:
+            raise ValueError("needs \"answer\" (a math prompt), \"tests\" (a code prompt) "
+                             "or \"kind\" (e.g. \"general\", scored by reward.models)")
+
+    records = read_jsonl_records(path, ("prompt",),
+                                 {"answer": _answer, "tests": _code_tests, "kind": _kind},
+                                 check=scorable)
+    return [(r["prompt"], r.get("answer", ""), r.get("tests", ()),
+             r.get("kind", "code" if "tests" in r else "math")) for r in records]
 
 
 def prompt_splits(data: DataConfig, tokenizer: PreTrainedTokenizerBase
                   ) -> tuple[list[PromptExample], list[PromptExample]]:
     """(train, held-out) prompts; a JSONL source's held-out prompts come from data.eval_path
     or a data.eval_fraction of data.path (none without either)."""
-    train: list[tuple[str, str, Tests]]
-    held_out: list[tuple[str, str, Tests]]
+    train: list[Row]
+    held_out: list[Row]
     if data.source == "arithmetic":
         splits = arithmetic_splits(data, seed=data.seed)
-        train = [(p.question, str(p.answer), ()) for p in splits.train]
-        held_out = [(p.question, str(p.answer), ()) for p in splits.eval]
+        train = [(p.question, str(p.answer), (), "math") for p in splits.train]
+        held_out = [(p.question, str(p.answer), (), "math") for p in splits.eval]
     else:
         train, held_out = jsonl_splits(data, read_prompt_jsonl)
 
-    def encode(rows: list[tuple[str, str, Tests]]) -> list[PromptExample]:
+    def encode(rows: list[Row]) -> list[PromptExample]:
         if not rows:  # transformers 5's tokenizer raises IndexError on an empty batch
             return []
-        texts = [render_prompt(q, data.template) for q, _, _ in rows]
+        texts = [render_prompt(q, data.template) for q, _, _, _ in rows]
         ids = tokenizer(texts)["input_ids"]
-        return [PromptExample(q, t, a, tuple(i), tests)
-                for t, (q, a, tests), i in zip(texts, rows, ids)]
+        return [PromptExample(q, t, a, tuple(i), tests, kind)
+                for t, (q, a, tests, kind), i in zip(texts, rows, ids)]
 
     return encode(train), encode(held_out)

@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -245,15 +246,66 @@ class StepBatch:
     """Share of the step's computed positions (all ranks) that are padding."""
     global_positions: int
     """Positions of the step's samples over all ranks, padding excluded."""
+    source_samples: dict[str, int] = field(default_factory=dict)
+    """A data.sources mix: samples of the step's global batch drawn from each source."""
+    source_consumed: dict[str, int] = field(default_factory=dict)
+    """A data.sources mix: samples drawn from each source since the run began, this step's
+    included."""
 
 
-def epoch_permutation(num_samples: int, seed: int, epoch: int) -> list[int]:
+class BatchSource(Protocol):
+    """A resumable stream of per-step batches (one source, or a data.sources mix)."""
+
+    def next_step(self) -> StepBatch:
+        """This rank's micro-batches for the next optimizer step; advances the state."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the stream, the same on every rank and for any DP size."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict()`, possibly saved under another DP size."""
+        ...
+
+
+def check_batch_layout(global_batch_size: int, micro_batching: MicroBatching, dp_rank: int,
+                       dp_size: int) -> None:
+    """Raise a ValueError for a bad rank or G not a multiple of B x D."""
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank}, dp_size={dp_size}: need 0 <= dp_rank < dp_size")
+    micro_batch_size = micro_batching.micro_batch_size
+    if micro_batch_size < 1:
+        raise ValueError(f"train.micro_batch_size={micro_batch_size}: must be >= 1")
+    per_round = micro_batch_size * dp_size
+    if global_batch_size < 1 or global_batch_size % per_round != 0:
+        raise ValueError(
+            f"train.global_batch_size={global_batch_size}: must be a positive multiple of "
+            f"train.micro_batch_size x data-parallel size = {micro_batch_size} x {dp_size}")
+
+
+def step_batch(dataset: SFTDataset, index_G: torch.Tensor, *, micro_batching: MicroBatching,
+               dp_rank: int, dp_size: int, epoch: int) -> StepBatch:
+    """Rank dp_rank's share of the global batch `index_G` (int64 [G], rows of `dataset`),
+    dealt by megatron_r1.batching; rows may repeat."""
+    lengths_G = dataset.length_N[index_G].tolist()
+    plans = plan_microbatches(index_G.tolist(), lengths_G, dp_size, micro_batching)
+    lengths = dict(zip(index_G.tolist(), lengths_G))
+    return StepBatch(micro_batches=[dataset.batch(plan) for plan in plans[dp_rank]],
+                     global_loss_tokens=int(dataset.loss_mask_NS[index_G].sum().item()),
+                     epoch=epoch, padding_fraction=padding_fraction(plans, lengths),
+                     global_positions=sum(dataset.length_N[index_G].tolist()))
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int,
+                      stream: str = "sft-order") -> list[int]:
     """The sample order of one epoch: a permutation of range(num_samples).
 
     A Fisher-Yates shuffle driven by `random.Random.random()` (stable across Python versions),
-    seeded by a string naming (seed, epoch).
+    seeded by a string naming (stream, seed, epoch); a data.sources mix gives each source its
+    own stream.
     """
-    rng = random.Random(f"sft-order:{seed}:{epoch}")
+    rng = random.Random(f"{stream}:{seed}:{epoch}")
     order = list(range(num_samples))
     for i in range(num_samples - 1, 0, -1):
         j = min(int(rng.random() * (i + 1)), i)
@@ -284,16 +336,7 @@ class SFTBatchSource:
         Raises:
             ValueError: for a bad rank, G not a multiple of B x D, or G > N.
         """
-        if dp_size < 1 or not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank}, dp_size={dp_size}: need 0 <= dp_rank < dp_size")
-        micro_batch_size = micro_batching.micro_batch_size
-        if micro_batch_size < 1:
-            raise ValueError(f"train.micro_batch_size={micro_batch_size}: must be >= 1")
-        per_round = micro_batch_size * dp_size
-        if global_batch_size < 1 or global_batch_size % per_round != 0:
-            raise ValueError(
-                f"train.global_batch_size={global_batch_size}: must be a positive multiple of "
-                f"train.micro_batch_size x data-parallel size = {micro_batch_size} x {dp_size}")
+        check_batch_layout(global_batch_size, micro_batching, dp_rank, dp_size)
         if global_batch_size > len(dataset):
             raise ValueError(f"train.global_batch_size={global_batch_size}: larger than the "
                              f"{len(dataset)} samples of the data set")
@@ -321,16 +364,10 @@ class SFTBatchSource:
             self._epoch_consumed = 0
         start = self._epoch_consumed
         index_G = self._permutation(self._epoch)[start:start + self.global_batch_size]
-        plans = plan_microbatches(index_G.tolist(), self.dataset.length_N[index_G].tolist(),
-                                  self.dp_size, self.micro_batching)
-        micro_batches = [self.dataset.batch(plan) for plan in plans[self.dp_rank]]
-        global_loss_tokens = int(self.dataset.loss_mask_NS[index_G].sum().item())
         self._epoch_consumed += self.global_batch_size
         self._consumed += self.global_batch_size
-        lengths = dict(zip(index_G.tolist(), self.dataset.length_N[index_G].tolist()))
-        return StepBatch(micro_batches=micro_batches, global_loss_tokens=global_loss_tokens,
-                         epoch=self._epoch, padding_fraction=padding_fraction(plans, lengths),
-                         global_positions=sum(lengths.values()))
+        return step_batch(self.dataset, index_G, micro_batching=self.micro_batching,
+                          dp_rank=self.dp_rank, dp_size=self.dp_size, epoch=self._epoch)
 
     def __iter__(self) -> Iterator[StepBatch]:
         while True:
@@ -348,12 +385,16 @@ class SFTBatchSource:
                 "consumed_samples": self._consumed, "seed": self.seed,
                 "num_samples": len(self.dataset)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict()`, possibly saved under another DP size.
 
         Raises:
             ValueError: for a missing key, or a state from another seed or data set size.
         """
+        if "sources" in state:
+            raise ValueError("data state: saved by a data.sources mix of "
+                             f"{sorted(state['sources'])}; this run reads one source (data.path "
+                             "or the arithmetic task), which cannot continue it")
         for key in ("epoch", "epoch_consumed_samples", "consumed_samples", "seed",
                     "num_samples"):
             if key not in state:

@@ -2,15 +2,16 @@
 as tensors to the ranks that train them.
 
 Layer L2. Every rank knows the rollout's prompts (a seeded draw); each engine group's leader
-generates the completions of its contiguous block of prompts (rollout/placement.py), scores
-them with its own reward workers and computes their group advantages (a prompt's G outputs
-never leave their engine, so the group statistics are local). What every rank then learns is
-small: each row's prompt and completion lengths (two int64 [R] tensors, summed over ranks), and
-the rollout's metrics, reduced (sums, maxima) rather than gathered. The rows themselves, i.e.
-ids, the sampler's log-probs and per-row scalars, travel with three all_to_all_single calls
-(a fourth with the engine's MoE routing when the trainer replays it, grpo.routing_replay=r3),
-each rank receiving only the rows its data-parallel rank trains (every mini-batch of the
-rollout). Nothing is pickled.
+generates the completions of its contiguous block of prompts (rollout/placement.py) and scores
+those of rule kinds with its own reward workers. What every rank then learns is small: one
+float64 [R, few] table, summed over ranks, of each row's prompt and completion lengths, rule
+reward values, truncation, and how many ids each reward model reads of it. Reward models run on
+the trainer's ranks (their inputs move there like the rows, below); then every rank computes
+the same totals and group advantages from the table, so the metrics need no gathering. The
+rows themselves, i.e. ids, the sampler's log-probs and per-row scalars, travel with three
+all_to_all_single calls (a fourth with the engine's MoE routing when the trainer replays it,
+grpo.routing_replay=r3), each rank receiving only the rows its data-parallel rank trains
+(every mini-batch of the rollout). Nothing is pickled.
 
 Shapes: P prompts, G outputs per prompt, R = P x G rows (row p * G + j is output j of prompt p),
 K per-row scalars.
@@ -19,17 +20,23 @@ K per-row scalars.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
+from megatron_r1.config.schema import RULE_COMPONENTS
+from megatron_r1.data.preference import reward_input_ids
 from megatron_r1.data.prompts import PromptExample
+from megatron_r1.data.template import TemplateName, render_prompt
 from megatron_r1.evaluation import reward_sample
-from megatron_r1.grpo.advantage import GroupAdvantages, group_advantages
+from megatron_r1.grpo.advantage import group_advantages
 from megatron_r1.grpo.rollout_batch import RolloutTensors, pack_sequences
-from megatron_r1.reward.scoring import RewardBatch, RewardScorer
+from megatron_r1.reward.format import has_r1_zero_format
+from megatron_r1.reward.kinds import RewardRouting, scored_text
+from megatron_r1.reward.scoring import RewardScorer
 from megatron_r1.reward.types import Language
 from megatron_r1.rollout.placement import Placement, split_prompts
 from megatron_r1.rollout.types import Completion, RolloutEngine, SamplingConfig
@@ -38,6 +45,22 @@ from megatron_r1.rollout.types import Completion, RolloutEngine, SamplingConfig
 def scalar_names(components: Sequence[str]) -> tuple[str, ...]:
     """The per-row scalars, in their column order: what training and the store need."""
     return ("advantage", "reward", *(f"reward_{c}" for c in components))
+
+
+@dataclass(frozen=True)
+class ModelReader:
+    """How one reward model reads the rows it scores (built from its checkpoint on every rank,
+    used on the engine groups' leaders, which hold the completions' texts)."""
+
+    name: str
+    scores: Literal["answer", "response"]
+    """RewardModelSpec.scores: the final summary or the whole response."""
+    tokenizer: Any
+    """The reward model's own tokenizer (its checkpoint's hf_assets/)."""
+    max_length: int
+    """Ids it reads per row at most (megatron_r1.data.preference.reward_input_ids)."""
+    template: TemplateName
+    """The template its training rendered prompts with (data.template of `megatron-r1 rm`)."""
 
 
 @dataclass
@@ -55,11 +78,14 @@ class HeldRows:
     routing: list[torch.Tensor] = field(default_factory=list)
     """int16 [prompt + completion - 1, moe_layers, top_k] per row: the experts the engine
     routed each model input to (Completion.routing); empty unless captured."""
+    model_ids: list[dict[int, torch.Tensor]] = field(default_factory=list)
+    """Per reward model, {row: int64 ids it reads} for the held rows it scores."""
 
 
 @dataclass
 class Generated:
-    """A rollout right after generation: rows on the leaders, lengths and metrics everywhere."""
+    """A rollout right after generation: rows on the leaders, lengths, rewards and metrics
+    everywhere."""
 
     held: HeldRows
     prompt_len_R: torch.Tensor
@@ -69,11 +95,24 @@ class Generated:
     metrics: dict[str, float]
     routing_shape: tuple[int, int] | None = None
     """(moe_layers, top_k) when the rows carry the engine's routing, else None."""
+    kinds_R: list[str] = field(default_factory=list)
+    """Each row's prompt kind."""
+    values_RC: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))
+    """float64 [R, C]: every reward component's value of every row (0 where it does not apply
+    or failed), in RewardRouting.names order."""
+    model_len_RM: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.int64))
+    """int64 [R, M]: ids reward model m reads of row r (0: it does not score the row)."""
 
     @property
     def length_R(self) -> torch.Tensor:
         """Positions each row uses in the trainer's layout (prompt + completion - 1)."""
         return (self.prompt_len_R + self.completion_len_R - 1).clamp(min=1)
+
+
+ModelScores = Callable[[Generated], torch.Tensor]
+"""Scores every row some reward model reads (Generated.model_len_RM > 0): float64 [R, M] on
+every rank, NaN where the model failed. Collective; the trainer's reward models
+(megatron_r1.reward_serving)."""
 
 
 @dataclass(frozen=True)
@@ -99,28 +138,55 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
+                ) -> torch.Tensor:
+    if dist.get_world_size() == 1:
+        return tensor
+    moved = tensor.to(comm_device())
+    dist.all_reduce(moved, op=op)
+    return moved.cpu()
+
+
 # ------------------------------------------------------------------ generation
 def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
                      placement: Placement, prompts: Sequence[PromptExample],
-                     sampling: SamplingConfig, *, components: Sequence[str],
+                     sampling: SamplingConfig, *, rewards: RewardRouting,
                      target_language: Language, std_normalize: bool,
-                     routing_shape: tuple[int, int] | None = None) -> Generated:
-    """Generate, score and compute advantages on every engine group for its block of
-    `prompts` (engine and scorer exist on the leaders only). Collective.
+                     routing_shape: tuple[int, int] | None = None,
+                     readers: Sequence[ModelReader] = (),
+                     score_models: ModelScores | None = None) -> Generated:
+    """Generate and rule-score on every engine group its block of `prompts` (engine and
+    scorer exist on the leaders only), score with the reward models (`score_models`, on the
+    trainer's ranks), then compute the rewards and group advantages. Collective.
+
+    Each row's component values and lengths are known on exactly one leader and summed over
+    ranks into one table, so that every rank computes the same totals and advantages (a
+    prompt's G rows are one group whatever engine produced them) and the metrics need no
+    further reduction.
 
     Args:
+        rewards: which components score which prompt kinds (rule rewards first, then one per
+            reader, in that order).
         routing_shape: (moe_layers, top_k) of the engine's routing that every completion must
             carry (the engine captures it), or None.
+        readers: how each reward model reads its rows; `score_models` scores them.
     """
-    rank, size = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     n, total = sampling.n, len(prompts) * sampling.n
+    rule, models = len(RULE_COMPONENTS), len(readers)
+    if len(rewards.names) != rule + models or (models and score_models is None):
+        raise ValueError(f"reward components {rewards.names} do not match the rule rewards "
+                         f"{RULE_COMPONENTS} and {models} reward model(s)")
     blocks = split_prompts(len(prompts), len(placement.groups))
     holder_R = [g.leader for g, block in zip(placement.groups, blocks) for _ in block
                 for _ in range(n)]
-    held = HeldRows(scalars=torch.zeros(0, len(scalar_names(components)), dtype=torch.float64))
-    stats = _Stats(components)
-    prompt_len_R = torch.zeros(total, dtype=torch.int64)
-    completion_len_R = torch.zeros(total, dtype=torch.int64)
+    kinds_R = [prompts[r // n].kind for r in range(total)]
+    held = HeldRows(scalars=torch.zeros(0, len(scalar_names(rewards.names)), dtype=torch.float64),
+                    model_ids=[{} for _ in readers])
+    # per row: prompt length, completion length, rule values, truncated, ids per reward model
+    table = torch.zeros(total, 3 + rule + models, dtype=torch.float64)
+    failures = torch.zeros(2, rule + models, dtype=torch.float64)  # errors, timeouts
+    maxima = torch.zeros(2, dtype=torch.float64)  # time/generate_s, reward/time_s
     block = blocks[placement.group_of(rank).index]
     if engine is not None and len(block):  # more engine groups than prompts: some idle
         assert scorer is not None, "an engine group's leader scores its own completions"
@@ -129,13 +195,8 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
         groups = engine.generate([prompts[p].prompt_ids for p in block], sampling,
                                  prompt_indices=list(block))
         engine.sleep()
-        stats.maxima["time/generate_s"] = time.perf_counter() - start
+        maxima[0] = time.perf_counter() - start
         completions = [c for g in groups for c in g]
-        rewards = scorer.score([c.text for c in completions],
-                               [reward_sample(prompts[p], target_language)
-                                for p in block for _ in range(n)])
-        correct = rewards.components_N["accuracy"] > 0.5
-        adv = group_advantages(rewards.total_N, correct, n, std_normalize=std_normalize)
         held.rows = [p * n + j for p in block for j in range(n)]
         held.ids = [torch.tensor([*prompts[r // n].prompt_ids, *c.token_ids], dtype=torch.int64)
                     for r, c in zip(held.rows, completions)]
@@ -143,19 +204,108 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
         if routing_shape is not None:
             held.routing = [_checked_routing(c, len(ids) - 1, routing_shape, r)
                             for r, c, ids in zip(held.rows, completions, held.ids)]
-        held.scalars = torch.stack(
-            [adv.advantages_R.double(), rewards.total_N.double(),
-             *(rewards.components_N[c].double() for c in components)], dim=1)
         for r, c in zip(held.rows, completions):
-            prompt_len_R[r], completion_len_R[r] = len(prompts[r // n].prompt_ids), len(c.token_ids)
-        stats.observe(rewards, adv, completions, n)
-    if size > 1:
-        lengths = torch.stack([prompt_len_R, completion_len_R]).to(comm_device())
-        dist.all_reduce(lengths)  # each row is known on exactly one leader
-        prompt_len_R, completion_len_R = lengths.cpu()
-    return Generated(held=held, prompt_len_R=prompt_len_R, completion_len_R=completion_len_R,
-                     holder_R=holder_R, metrics=stats.reduce(total, len(prompts)),
-                     routing_shape=routing_shape)
+            table[r, :2] = torch.tensor([len(prompts[r // n].prompt_ids), len(c.token_ids)])
+            table[r, 2 + rule] = float(c.finish_reason == "length")
+        maxima[1] = _rule_scores(scorer, prompts, held.rows, completions, n, rewards, table,
+                                 failures, target_language)
+        for m, reader in enumerate(readers):
+            applies = rewards.kinds[rule + m]
+            for r, c in zip(held.rows, completions):
+                if kinds_R[r] not in applies:
+                    continue
+                text = scored_text(c.text, reader.scores)
+                if text is None:  # nothing to read: the row's score is a counted 0
+                    failures[0, rule + m] += 1
+                    continue
+                prompt = render_prompt(prompts[r // n].question, reader.template)
+                ids = reward_input_ids(reader.tokenizer, prompt, text, reader.max_length)
+                held.model_ids[m][r] = torch.tensor(ids, dtype=torch.int64)
+                table[r, 3 + rule + m] = len(ids)
+    table = _all_reduce(table)  # each row is known on exactly one leader
+    failures = _all_reduce(failures)
+    maxima = _all_reduce(maxima, dist.ReduceOp.MAX)
+    generated = Generated(
+        held=held, prompt_len_R=table[:, 0].to(torch.int64),
+        completion_len_R=table[:, 1].to(torch.int64), holder_R=holder_R, metrics={},
+        routing_shape=routing_shape, kinds_R=kinds_R,
+        values_RC=torch.cat([table[:, 2:2 + rule],
+                             torch.zeros(total, models, dtype=torch.float64)], dim=1),
+        model_len_RM=table[:, 3 + rule:].to(torch.int64))
+    start = time.perf_counter()
+    if models and bool((generated.model_len_RM > 0).any()):
+        assert score_models is not None
+        scores_RM = score_models(generated)
+        read_RM = generated.model_len_RM > 0
+        bad_RM = read_RM & ~torch.isfinite(scores_RM)
+        failures[0, rule:] += bad_RM.sum(dim=0).double()
+        generated.values_RC[:, rule:] = torch.where(read_RM & ~bad_RM, scores_RM, 0.0)
+    model_seconds = time.perf_counter() - start
+    _finish(generated, rewards, n, std_normalize, failures, maxima,
+            truncated=float(table[:, 2 + rule].mean()))
+    if models:
+        generated.metrics["time/reward_models_s"] = model_seconds
+    return generated
+
+
+def _rule_scores(scorer: RewardScorer, prompts: Sequence[PromptExample], rows: list[int],
+                 completions: list[Completion], n: int, rewards: RewardRouting,
+                 table: torch.Tensor, failures: torch.Tensor, target_language: Language) -> float:
+    """Rule-score the held rows into `table` (values) and `failures` (errors, timeouts):
+    rows of rule kinds through the scorer's workers (every rule reward), the others' format
+    here (a regular expression: nothing to sandbox or time out); returns the scorer's wall
+    time."""
+    names = [c.name for c in scorer.components]
+    assert tuple(names) == RULE_COMPONENTS, names
+    fmt = names.index("format")
+    kinds = [prompts[r // n].kind for r in rows]
+    for r, kind, completion in zip(rows, kinds, completions):
+        if kind not in rewards.rule_kinds and kind in rewards.kinds[fmt]:
+            table[r, 2 + fmt] = float(has_r1_zero_format(completion.text))
+    mine = [i for i, kind in enumerate(kinds) if kind in rewards.rule_kinds]
+    if not mine:
+        return 0.0
+    result = scorer.score([completions[i].text for i in mine],
+                          [reward_sample(prompts[rows[i] // n], target_language) for i in mine])
+    where = torch.tensor([rows[i] for i in mine])
+    for c, name in enumerate(names):
+        table[where, 2 + c] = result.components_N[name].double()
+        failures[0, c] += result.metrics[f"reward/{name}_errors"]
+        failures[1, c] += result.metrics[f"reward/{name}_timeouts"]
+    return result.metrics["reward/time_s"]
+
+
+def _finish(generated: Generated, rewards: RewardRouting, group_size: int,
+            std_normalize: bool, failures: torch.Tensor, maxima: torch.Tensor,
+            truncated: float) -> None:
+    """Totals, group advantages, the held rows' scalars and the rollout's metrics, from the
+    table every rank holds (so every rank computes the same values)."""
+    values_RC, kinds_R = generated.values_RC, generated.kinds_R
+    total_R = rewards.total_R(values_RC, kinds_R)
+    accuracy = RULE_COMPONENTS.index("accuracy")
+    rule_R = torch.tensor([k in rewards.rule_kinds for k in kinds_R])
+    adv = group_advantages(total_R, values_RC[:, accuracy] > 0.5, group_size,
+                           std_normalize=std_normalize)
+    held = generated.held
+    if held.rows:
+        where = torch.tensor(held.rows)
+        held.scalars = torch.cat([adv.advantages_R[where].double().unsqueeze(1),
+                                  total_R[where].double().unsqueeze(1), values_RC[where]], dim=1)
+    metrics = rewards.metrics(values_RC, total_R, kinds_R)
+    for c, name in enumerate(rewards.names):
+        metrics[f"reward/{name}_errors"] = float(failures[0, c])
+        metrics[f"reward/{name}_timeouts"] = float(failures[1, c])
+    metrics.update(adv.metrics)
+    # solved-all / solved-none judge the groups the accuracy reward scores (its groups only)
+    correct_PG = (values_RC[:, accuracy] > 0.5).view(-1, group_size)
+    ruled_P = rule_R.view(-1, group_size)[:, 0]
+    for key, solved in (("groups/solved_all", correct_PG.all(dim=1)),
+                        ("groups/solved_none", (~correct_PG).all(dim=1))):
+        metrics[key] = float(solved[ruled_P].double().mean()) if ruled_P.any() else 0.0
+    metrics["response/length_mean"] = float(generated.completion_len_R.double().mean())
+    metrics["response/truncated"] = truncated
+    metrics["time/generate_s"], metrics["reward/time_s"] = maxima.tolist()
+    generated.metrics = metrics
 
 
 def _checked_routing(completion: Completion, positions: int, shape: tuple[int, int],
@@ -168,58 +318,6 @@ def _checked_routing(completion: Completion, positions: int, shape: tuple[int, i
         raise ValueError(f"rollout row {row}: the engine's routing has shape {got}, expected "
                          f"{want} (prompt + completion - 1 positions, MoE layers, top_k)")
     return routing.to(torch.int16)
-
-
-class _Stats:
-    """The rollout's metrics as sums and maxima over its rows, reduced over the leaders."""
-
-    def __init__(self, components: Sequence[str]) -> None:
-        self.sums: dict[str, float] = {
-            **{f"reward/{c}_{what}": 0.0 for c in components
-               for what in ("mean", "errors", "timeouts")},
-            "reward/total_mean": 0.0, "response/length_mean": 0.0, "response/truncated": 0.0,
-            "advantage/mean": 0.0, "advantage/sum_sq": 0.0, "advantage/zero_groups": 0.0,
-            "groups/solved_all": 0.0, "groups/solved_none": 0.0}
-        self.maxima: dict[str, float] = {"advantage/abs_max": 0.0, "reward/time_s": 0.0,
-                                         "time/generate_s": 0.0}
-        self.components = list(components)
-
-    def observe(self, rewards: RewardBatch, adv: GroupAdvantages,
-                completions: Sequence[Completion], group_size: int) -> None:
-        """Add one leader's rows: the scorer's and group_advantages' own metrics (means over
-        these rows or groups, weighted back into sums; counts as they are)."""
-        rows = len(completions)
-        groups = rows // group_size
-        for key in self.sums:
-            if key in rewards.metrics:  # reward/<c>_mean, _errors, _timeouts, total_mean
-                weight = rows if key.endswith("_mean") else 1
-                self.sums[key] += rewards.metrics[key] * weight
-            elif key in adv.metrics:  # advantage/mean per row; the others per group
-                self.sums[key] += adv.metrics[key] * (rows if key == "advantage/mean"
-                                                      else groups)
-        self.sums["advantage/sum_sq"] += float(adv.advantages_R.double().square().sum())
-        self.sums["response/length_mean"] += float(sum(len(c.token_ids) for c in completions))
-        self.sums["response/truncated"] += float(sum(c.finish_reason == "length"
-                                                     for c in completions))
-        self.maxima["advantage/abs_max"] = adv.metrics["advantage/abs_max"]
-        self.maxima["reward/time_s"] = rewards.metrics["reward/time_s"]
-
-    def reduce(self, rows: int, groups: int) -> dict[str, float]:
-        sums = torch.tensor(list(self.sums.values()), dtype=torch.float64)
-        maxima = torch.tensor(list(self.maxima.values()), dtype=torch.float64)
-        if dist.get_world_size() > 1:
-            sums, maxima = sums.to(comm_device()), maxima.to(comm_device())
-            dist.all_reduce(sums)
-            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-        total = dict(zip(self.sums, sums.tolist()))
-        out = {k: v / (groups if k.startswith(("groups/", "advantage/zero")) else rows)
-               for k, v in total.items() if not k.endswith(("_errors", "_timeouts", "sum_sq"))}
-        out.update({k: v for k, v in total.items() if k.endswith(("_errors", "_timeouts"))})
-        mean = total["advantage/mean"] / rows
-        var = (total["advantage/sum_sq"] - rows * mean * mean) / max(rows - 1, 1)
-        out["advantage/std"] = max(var, 0.0) ** 0.5  # sample std, as group_advantages
-        out.update(dict(zip(self.maxima, maxima.tolist())))
-        return out
 
 
 # ------------------------------------------------------------------ rows to ranks
@@ -253,15 +351,7 @@ def exchange_rows(generated: Generated, wanted: Sequence[Sequence[int]]) -> Rece
     incoming = [r for rows in recv for r in rows]
 
     def move(parts: list[torch.Tensor], dtype: torch.dtype, width: list[int]) -> torch.Tensor:
-        out_splits = [sum(width[r] for r in rows) for rows in recv]
-        in_splits = [sum(width[r] for r in rows) for rows in send]
-        data = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
-        if size == 1:
-            return data
-        device = comm_device()
-        out = torch.empty(sum(out_splits), dtype=dtype, device=device)
-        dist.all_to_all_single(out, data.to(device), out_splits, in_splits)
-        return out.cpu()
+        return _all_to_all(parts, dtype, send, recv, width)
 
     ids = move([held.ids[where[r]] for r in outgoing], torch.int64,
                [p + c for p, c in zip(plen, clen)])
@@ -280,6 +370,38 @@ def exchange_rows(generated: Generated, wanted: Sequence[Sequence[int]]) -> Rece
     return Received(rows=incoming, ids=list(ids.split([plen[r] + clen[r] for r in incoming])),
                     sampler_logp=list(logp.split([clen[r] for r in incoming])),
                     scalars=scalars.view(len(incoming), k), routing=routing_rows)
+
+
+def _all_to_all(parts: list[torch.Tensor], dtype: torch.dtype, send: list[list[int]],
+                recv: list[list[int]], width: Sequence[int]) -> torch.Tensor:
+    """The concatenation of `parts` (this rank's outgoing rows, destination by destination)
+    scattered to the ranks; returns the incoming rows, source by source. Row r is width[r]
+    values wide, known on every rank, so no counts travel first."""
+    out_splits = [sum(width[r] for r in rows) for rows in recv]
+    in_splits = [sum(width[r] for r in rows) for rows in send]
+    data = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+    if dist.get_world_size() == 1:
+        return data
+    device = comm_device()
+    out = torch.empty(sum(out_splits), dtype=dtype, device=device)
+    dist.all_to_all_single(out, data.to(device), out_splits, in_splits)
+    return out.cpu()
+
+
+def exchange_model_ids(generated: Generated, model: int,
+                       wanted: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """The ids reward model `model` reads of the rows this rank wants (wanted[rank], rows it
+    reads, in that order, repeats allowed), from the leaders holding them. Collective."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    held, holder = generated.held.model_ids[model], generated.holder_R
+    width = generated.model_len_RM[:, model].tolist()
+    unique = [list(dict.fromkeys(rows)) for rows in wanted]  # a row travels once per rank
+    send = [[r for r in unique[d] if holder[r] == rank] for d in range(size)]
+    recv = [[r for r in unique[rank] if holder[r] == s] for s in range(size)]
+    data = _all_to_all([held[r] for rows in send for r in rows], torch.int64, send, recv, width)
+    parts = dict(zip([r for rows in recv for r in rows],
+                     data.split([width[r] for rows in recv for r in rows])))
+    return [parts[r] for r in wanted[rank]]
 
 
 def receive_rows(generated: Generated, wanted: Sequence[Sequence[int]], *, width: int,

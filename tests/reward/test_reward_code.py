@@ -121,13 +121,17 @@ def test_prompt_files_hold_math_and_code_prompts(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in [
         {"prompt": "Compute 3 + 4", "answer": "7"},
         {"prompt": "Add two numbers", "tests": [{"input": "3 4\n", "output": "7\n"}]},
+        {"prompt": "Write a haiku", "kind": "general"},
+        {"prompt": "Compute 1 + 1", "answer": "2", "kind": "easy_math"},
     ]) + "\n")
     assert read_prompt_jsonl(path) == [
-        ("Compute 3 + 4", "7", ()), ("Add two numbers", "", (("3 4\n", "7\n"),))]
+        ("Compute 3 + 4", "7", (), "math"), ("Add two numbers", "", (("3 4\n", "7\n"),), "code"),
+        ("Write a haiku", "", (), "general"), ("Compute 1 + 1", "2", (), "easy_math")]
 
 
 @pytest.mark.parametrize(("record", "message"), [
-    ({"prompt": "p"}, r"prompts.jsonl:1: needs \"answer\" \(a math prompt\) or \"tests\""),
+    ({"prompt": "p"}, r"prompts.jsonl:1: needs \"answer\" \(a math prompt\), \"tests\""),
+    ({"prompt": "p", "kind": ""}, r"prompts.jsonl:1: 'kind': must be a non-empty name"),
     ({"prompt": "p", "tests": []}, r"prompts.jsonl:1: 'tests': expected a non-empty list"),
     ({"prompt": "p", "tests": [{"input": "1"}]}, r"prompts.jsonl:1: 'tests': test 0: expected"),
     ({"prompt": "p", "answer": 7}, r"prompts.jsonl:1: 'answer': must be a string, got int 7"),

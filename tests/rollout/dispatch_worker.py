@@ -1,19 +1,16 @@
 """Test support: under torchrun (gloo), leaders 0 and 2 hold the rows of a made-up rollout;
 every rank asks for its own rows (and rank 0 for all of them), their ids, sampler log-probs,
-scalars and MoE routing (LAYERS x TOP_K expert ids per model input); each rank checks what it got
-against the rollout it can rebuild itself, and the reduced metrics against the single-process
-ones. Prints RESULT ok on every rank that passed.
+scalars and MoE routing (LAYERS x TOP_K expert ids per model input), and for the ids a reward
+model reads of some rows (repeats included); each rank checks what it got against the rollout
+it can rebuild itself. Prints RESULT ok on every rank that passed.
 
 Usage: torchrun --nproc-per-node=4 dispatch_worker.py"""
 
 import torch
 import torch.distributed as dist
 
-from megatron_r1.grpo.advantage import group_advantages
-from megatron_r1.reward.scoring import RewardBatch
-from megatron_r1.rollout.dispatch import Generated, HeldRows, _Stats, exchange_rows
+from megatron_r1.rollout.dispatch import Generated, HeldRows, exchange_model_ids, exchange_rows
 from megatron_r1.rollout.placement import split_prompts
-from megatron_r1.rollout.types import Completion
 
 P, G = 6, 4
 LAYERS, TOP_K = 2, 3
@@ -28,16 +25,15 @@ def made_up():
     ids = [torch.randint(0, 1000, (int(p + c),), generator=gen)
            for p, c in zip(prompt_len, completion_len)]
     logp = [-torch.rand(int(c), generator=gen) for c in completion_len]
-    rewards = torch.randint(0, 3, (P * G,), generator=gen).float()
     routing = [torch.randint(0, 64, (int(p + c) - 1, LAYERS, TOP_K), generator=gen,
                              dtype=torch.int16) for p, c in zip(prompt_len, completion_len)]
-    return prompt_len, completion_len, ids, logp, rewards, routing
+    return prompt_len, completion_len, ids, logp, routing
 
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    prompt_len, completion_len, ids, logp, rewards, routing = made_up()
+    prompt_len, completion_len, ids, logp, routing = made_up()
     blocks = split_prompts(P, len(LEADERS))
     holder = [LEADERS[g] for g, b in enumerate(blocks) for _ in b for _ in range(G)]
     held = HeldRows(scalars=torch.zeros(0, 2, dtype=torch.float64))
@@ -64,30 +60,14 @@ if __name__ == "__main__":
     if rank == 0:
         assert everything.rows == list(range(P * G))  # blocks arrive in row order
 
-    # the reduced metrics equal the single-process ones
-    stats = _Stats(["accuracy"])
-    correct = rewards > 1.5
-    adv = group_advantages(rewards, correct, G, std_normalize=True)
-    if rank in LEADERS:
-        mine = [r for r in range(P * G) if holder[r] == rank]
-        batch = RewardBatch(total_N=rewards[mine],
-                            components_N={"accuracy": correct[mine].float()},
-                            outcomes_N={"accuracy": torch.zeros(len(mine), dtype=torch.uint8)},
-                            metrics={"reward/accuracy_mean": float(correct[mine].float().mean()),
-                                     "reward/accuracy_errors": 0.0,
-                                     "reward/accuracy_timeouts": 0.0,
-                                     "reward/total_mean": float(rewards[mine].mean()),
-                                     "reward/time_s": 0.5})
-        part = group_advantages(rewards[mine], correct[mine], G, std_normalize=True)
-        completions = [Completion(token_ids=(0,) * int(completion_len[r]), logprobs=(),
-                                  text="", finish_reason="length" if r % 3 else "stop")
-                       for r in mine]
-        stats.observe(batch, part, completions, G)
-    metrics = stats.reduce(P * G, P)
-    for key, value in adv.metrics.items():
-        assert abs(metrics[key] - value) < 1e-6, (key, metrics[key], value)
-    assert abs(metrics["reward/total_mean"] - float(rewards.mean())) < 1e-6
-    assert abs(metrics["response/length_mean"] - float(completion_len.float().mean())) < 1e-6
-    assert metrics["response/truncated"] == sum(r % 3 != 0 for r in range(P * G)) / (P * G)
+    # reward-model inputs: rows a model reads (every third one not), repeats allowed, to the
+    # ranks that score them
+    reads = [r for r in range(P * G) if r % 3]
+    model_ids = {r: ids[r][: 1 + r % 5] for r in reads}
+    held.model_ids = [{r: v for r, v in model_ids.items() if holder[r] == rank}]
+    generated.model_len_RM = torch.tensor([[1 + r % 5 if r % 3 else 0] for r in range(P * G)])
+    asked = [[reads[(d * 5 + k) % len(reads)] for k in range(9)] + [reads[d]] for d in range(world)]
+    got_model = exchange_model_ids(generated, 0, asked)
+    assert [x.tolist() for x in got_model] == [model_ids[r].tolist() for r in asked[rank]]
     print("RESULT ok", flush=True)
     dist.destroy_process_group()

@@ -1,6 +1,7 @@
-"""Rows travel from the engine groups' leaders to the ranks that train them, exactly, with
-all_to_all over gloo at world size 4; metrics reduced over the leaders equal the ones computed
-on the whole rollout in one process."""
+"""Rows, and what reward models read of them, travel from the engine groups' leaders to the
+ranks that train (or score) them, exactly, with all_to_all over gloo at world size 4. (The
+rollout's rewards and metrics are computed on every rank from one all-reduced table; the GRPO
+runs of tests/e2e/test_grpo_scaleout.py compare them with world size 1.)"""
 
 from __future__ import annotations
 
