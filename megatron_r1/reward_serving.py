@@ -8,12 +8,14 @@ holds its tokenizer). Key decisions:
 - They run where the policy trains, in its process groups and parallel layout (TP, PP, EP,
   DP as parallel.* says; the reward model's own architecture, checked against that layout at
   start-up), forward only, and live in host memory between uses (like
-  grpo.offload_reference's reference model): a 671B policy leaves no room for resident
-  reward models on its GPUs.
+  grpo.offload_reference's reference model): a reward model of the policy's architecture
+  holds as many weights per GPU as the reference model, which the 671B R1-Zero config
+  already keeps off the GPU (`megatron-r1 plan` prices it).
 - The texts stay on the engine leaders, which tokenize what each model reads with the model's
   own tokenizer, template and length (megatron_r1.data.preference.reward_input_ids, the
-  function its training used, as its checkpoint's `reward_model` entry records); the ids move to the data-parallel ranks that score them like rollout rows do
-  (rollout/dispatch.py), and the scores come back to every rank with one all-reduce.
+  function its training used, as its checkpoint's `reward_model` entry records); the ids move
+  to the data-parallel ranks that score them like rollout rows do (rollout/dispatch.py), and
+  the scores come back to every rank with one all-reduce.
 - Rows are dealt to data-parallel ranks in megatron's order, repeated at the end to fill
   every rank's micro-batches (each rank runs the same number of micro-batches of one shape,
   which pipeline and expert parallelism need); a row scored twice gets the mean of its
@@ -34,11 +36,10 @@ from pathlib import Path
 from typing import Any, get_args
 
 import torch
-import torch.distributed as dist
 
 from megatron_r1.batching import rank_microbatches
 from megatron_r1.checkpoint.assets import ASSETS_DIR
-from megatron_r1.checkpoint.dist_ckpt import latest_checkpoint, load_checkpoint, read_metadata
+from megatron_r1.checkpoint.dist_ckpt import checkpoint_at, load_checkpoint, read_metadata
 from megatron_r1.config import Config
 from megatron_r1.config.loader import config_from_dict
 from megatron_r1.config.schema import ModelConfig, RewardModelSpec
@@ -47,7 +48,12 @@ from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.layout import resolve_layout
 from megatron_r1.model.reward_head import build_reward_model, last_token_scores
 from megatron_r1.offload import ModelOffload
-from megatron_r1.rollout.dispatch import Generated, ModelReader, comm_device, exchange_model_ids
+from megatron_r1.rollout.dispatch import (
+    Generated,
+    ModelReader,
+    exchange_model_ids,
+    reduce_over_ranks,
+)
 from megatron_r1.schedule import Batch, LossFn, forward_backward
 from megatron_r1.session import Session
 
@@ -71,8 +77,7 @@ def _where(spec: RewardModelSpec) -> str:
 
 
 def _checkpoint_step(spec: RewardModelSpec) -> Path:
-    given = Path(spec.checkpoint)
-    found = latest_checkpoint(given) or (given if (given / "megatron_r1.json").is_file() else None)
+    found = checkpoint_at(spec.checkpoint)
     if found is None:
         raise FileNotFoundError(f"{_where(spec)}: no checkpoint there (neither a step "
                                 "directory nor a `latest` marker)")
@@ -143,7 +148,8 @@ def load_reward_models(cfg: Config, session: Session) -> list[ServedRewardModel]
     return served
 
 
-def _score_step(batch: Batch, model: torch.nn.Module) -> tuple[torch.Tensor, LossFn]:
+def score_step(batch: Batch, model: torch.nn.Module) -> tuple[torch.Tensor, LossFn]:
+    """megatron's forward step of serving: each row's score at its last id (last stage)."""
     scores_BS = model(batch["tokens"], batch["position_ids"], None)
 
     def collect(output_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
@@ -193,17 +199,14 @@ def _score_model(served: ServedRewardModel, m: int, rows: list[int], generated: 
                         "lengths": lengths[list(mb)].clone(),
                         "rows": torch.tensor(mb, dtype=torch.int64)})
     with served.offload.on_device(), torch.no_grad():
-        outputs = forward_backward(served.chunks, batches, _score_step, ctx, forward_only=True)
+        outputs = forward_backward(served.chunks, batches, score_step, ctx, forward_only=True)
     sums = torch.zeros(2, len(generated.kinds_R), dtype=torch.float64)  # score sum, count
     if ctx.is_last_stage and ctx.tp_rank == 0:
         for batch, out in zip(batches, outputs):
             sums[0].index_add_(0, batch["rows"], out["scores"].double().cpu())
             sums[1].index_add_(0, batch["rows"], torch.ones(len(batch["rows"]),
                                                            dtype=torch.float64))
-    if dist.get_world_size() > 1:
-        moved = sums.to(comm_device())
-        dist.all_reduce(moved)
-        sums = moved.cpu()
+    sums = reduce_over_ranks(sums)
     return torch.where(sums[1] > 0, sums[0] / sums[1].clamp(min=1), math.nan)
 
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from megatron_r1.batching import MicroBatching
 from megatron_r1.checkpoint.assets import ASSETS_DIR, write_assets
 from megatron_r1.checkpoint.dist_ckpt import (
+    checkpoint_at,
     latest_checkpoint,
     load_checkpoint,
     read_metadata,
@@ -112,8 +113,7 @@ def _initial_checkpoint(cfg: Config, own: Path) -> tuple[Path | None, bool]:
         return mine, True
     if cfg.checkpoint.load_dir is None:
         return None, False
-    given = Path(cfg.checkpoint.load_dir)
-    found = latest_checkpoint(given) or (given if (given / "megatron_r1.json").is_file() else None)
+    found = checkpoint_at(cfg.checkpoint.load_dir)
     if found is None:
         raise FileNotFoundError(f"checkpoint.load_dir={cfg.checkpoint.load_dir!r}: no checkpoint "
                                 "there (neither a step directory nor a `latest` marker)")

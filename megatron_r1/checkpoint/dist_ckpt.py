@@ -65,6 +65,13 @@ def latest_checkpoint(root: str | os.PathLike[str] | None) -> Path | None:
     return path
 
 
+def checkpoint_at(path: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint `path` names: a checkpoints directory's newest complete step (its
+    `latest` marker), or `path` itself when it is one step directory; None when it is neither."""
+    given = Path(path)
+    return latest_checkpoint(given) or (given if (given / METADATA_FILE).is_file() else None)
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The checkpoint's step and layout, without loading tensors."""
     file = Path(path) / METADATA_FILE

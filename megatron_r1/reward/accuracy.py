@@ -28,7 +28,8 @@ BOXED_COMMANDS = ("\\boxed", "\\fbox")
 """LaTeX commands whose braced argument is a final answer."""
 
 _THINK_END = "</think>"
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+"""An answer block of the R1 template (its text: group 1)."""
 _BOXED_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
@@ -105,7 +106,7 @@ def extract_answer(completion: str) -> str | None:
         The answer text, stripped, or None.
     """
     region = completion.rpartition(_THINK_END)[2]
-    blocks = _ANSWER_BLOCK.findall(region)
+    blocks = ANSWER_BLOCK.findall(region)
     if blocks:
         candidate = blocks[-1]
         boxed = find_boxed(candidate)

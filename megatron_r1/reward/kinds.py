@@ -14,7 +14,6 @@ Shapes: R rows of a rollout, C components (rule components first, then the rewar
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -22,15 +21,14 @@ from typing import Literal
 import torch
 
 from megatron_r1.config.schema import RULE_COMPONENTS, RewardConfig
-
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+from megatron_r1.reward.accuracy import ANSWER_BLOCK
 
 
 def summary_text(completion: str) -> str | None:
     """The final summary R1's helpfulness model reads: the last complete
     `<answer>...</answer>` block, else the text after the last `</think>`; None when there is
     none or it is blank (a completion that never finished its reasoning has no summary)."""
-    blocks = _ANSWER_BLOCK.findall(completion)
+    blocks = ANSWER_BLOCK.findall(completion)
     if blocks:
         text = blocks[-1]
     elif "</think>" in completion:

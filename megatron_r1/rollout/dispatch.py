@@ -138,8 +138,9 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
-                ) -> torch.Tensor:
+def reduce_over_ranks(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
+                      ) -> torch.Tensor:
+    """A host tensor all-reduced over every rank (through comm_device), back on the host."""
     if dist.get_world_size() == 1:
         return tensor
     moved = tensor.to(comm_device())
@@ -222,9 +223,9 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
                 ids = reward_input_ids(reader.tokenizer, prompt, text, reader.max_length)
                 held.model_ids[m][r] = torch.tensor(ids, dtype=torch.int64)
                 table[r, 3 + rule + m] = len(ids)
-    table = _all_reduce(table)  # each row is known on exactly one leader
-    failures = _all_reduce(failures)
-    maxima = _all_reduce(maxima, dist.ReduceOp.MAX)
+    table = reduce_over_ranks(table)  # each row is known on exactly one leader
+    failures = reduce_over_ranks(failures)
+    maxima = reduce_over_ranks(maxima, dist.ReduceOp.MAX)
     generated = Generated(
         held=held, prompt_len_R=table[:, 0].to(torch.int64),
         completion_len_R=table[:, 1].to(torch.int64), holder_R=holder_R, metrics={},

@@ -9,6 +9,7 @@ included, is checked to leave the door on the device. Dense model: MoE routing h
 kernels."""
 
 import dataclasses
+import functools
 import json
 import sys
 
@@ -17,6 +18,8 @@ import torch
 from megatron_r1 import megatron_compat
 from megatron_r1.batching import MicroBatching, plan_microbatches
 from megatron_r1.config import load_config
+from megatron_r1.data.preference import arithmetic_pairs
+from megatron_r1.data.reward_batches import RewardBatchSource, tokenize_rewards
 from megatron_r1.data.sft import SFTBatchSource, sft_datasets
 from megatron_r1.data.tokenizer import resolve_tokenizer
 from megatron_r1.grpo import forward
@@ -28,9 +31,12 @@ from megatron_r1.grpo.rollout_batch import (
 )
 from megatron_r1.layout import resolve_layout
 from megatron_r1.model.build import build_model
+from megatron_r1.model.reward_head import build_reward_model
 from megatron_r1.optim import wrap_for_training
 from megatron_r1.parallel.init import destroy_parallel, init_parallel
 from megatron_r1.parallel.launch_env import discover
+from megatron_r1.reward_serving import score_step
+from megatron_r1.reward_training import reward_forward_step
 from megatron_r1.rollout.types import Completion
 from megatron_r1.schedule import forward_backward, to_device
 from megatron_r1.sft import sft_forward_step
@@ -91,6 +97,26 @@ if __name__ == "__main__":
     params = moved.pop("packed_seq_params")
     report["packed"] = sorted({t.device.type for t in moved.values()} |
                               {params.cu_seqlens_q.device.type, params.cu_seqlens_kv.device.type})
+
+    # reward models: a pairwise training step (forward and backward), then serving's scoring
+    rm = wrap_for_training(build_reward_model(cfg.model, cfg.parallel, ctx), cfg.model,
+                           cfg.parallel, ctx)
+    for chunk in rm:
+        chunk.config.finalize_model_grads_func = None
+    rm[0].register_forward_pre_hook(inputs_on_the_model_device, with_kwargs=True)
+    pairs, _ = arithmetic_pairs(cfg.data, seed=0)
+    prefs = RewardBatchSource(tokenize_rewards(pairs[:16], tokenizer, cfg.data.seq_length),
+                              global_batch_size=4, micro_batching=MicroBatching(2), dp_rank=0,
+                              dp_size=1, seed=0)
+    rm_trained = forward_backward(rm, prefs.next_step().micro_batches,
+                                  functools.partial(reward_forward_step, "pairwise"), ctx)
+    ids = torch.randint(3, 500, (2, 12), generator=g)
+    rm_scored = forward_backward(rm, [{"tokens": ids, "position_ids": torch.arange(12).repeat(2, 1),
+                                       "lengths": torch.tensor([12, 7]),
+                                       "rows": torch.tensor([0, 1])}],
+                                 score_step, ctx, forward_only=True)
+    report["reward_model"] = [rm_trained[0]["loss"].device.type,
+                              rm_scored[0]["scores"].device.type]
 
     host_batch = score_microbatch(rollout, plans[0])  # what the door would have moved
     try:

@@ -18,6 +18,7 @@ def test_batches_reach_the_model_on_its_device_and_strays_are_refused(tmp_path):
     assert report["sft"] == "meta"  # SFT forward and backward
     assert report["grpo"] == ["meta", "meta"]  # scoring, then the loss forward and backward
     assert report["packed"] == ["meta"]  # every tensor of a packed batch, cu_seqlens too
+    assert report["reward_model"] == ["meta", "meta"]  # a pairwise step, then serving's scores
     # the guard bites: what the door would have moved, handed over directly, is refused
     assert report["host_batch"].startswith("refused: a (2, "), report
     assert report["host_labels"].startswith("refused"), report
