@@ -3,9 +3,11 @@
 Layer L2. One GPTModel per virtual-pipeline chunk of this rank (one chunk without interleaving).
 Layer specs come from megatron-core (`get_gpt_decoder_block_spec`, which places the dense
 first layers, MoE layers and this stage's slice); on the local (non-TE) path the torch norms
-are swapped for the sequence-parallel-aware ones (norm.py), and the core attention for one
-that takes packed sequences and, for MLA, a distinct value head size (attention.py). Counting parameters on the meta
-device uses the same builder, so a count can never drift from the model that trains.
+are swapped for the sequence-parallel-aware ones (norm.py), the core attention for one on
+torch's fused attention that takes packed sequences and, for MLA, a distinct value head size
+(attention.py), and the routed experts' loop for grouped matrix products (experts.py).
+Counting parameters on the meta device uses the same builder, so a count can never drift
+from the model that trains.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron_r1.config.schema import ModelConfig, ParallelConfig
 from megatron_r1.layout import padded_vocab_size
 from megatron_r1.model.attention import LatentDotProductAttention, PackedDotProductAttention
+from megatron_r1.model.experts import GroupedSequentialMLP
 from megatron_r1.model.norm import SequenceParallelTorchNorm
 from megatron_r1.model.transformer_config import build_transformer_config, use_transformer_engine
 from megatron_r1.parallel.init import ParallelContext
@@ -46,11 +50,13 @@ def _swap_modules(spec: object, swaps: dict[type, type]) -> object:
 
 def _local_spec_swaps(model: ModelConfig) -> dict[type, type]:
     """Local-spec modules replaced by ours: torch norms that support sequence parallelism
-    (norm.py) and a core attention that takes packed sequences and, for MLA, a distinct
-    value head size (attention.py)."""
+    (norm.py), a core attention on torch's fused attention that takes packed sequences and,
+    for MLA, a distinct value head size (attention.py), and routed experts in grouped matrix
+    products instead of a loop (experts.py)."""
     attention = (LatentDotProductAttention if model.multi_latent_attention
                  else PackedDotProductAttention)
-    return {WrappedTorchNorm: SequenceParallelTorchNorm, DotProductAttention: attention}
+    return {WrappedTorchNorm: SequenceParallelTorchNorm, DotProductAttention: attention,
+            SequentialMLP: GroupedSequentialMLP}
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, ctx: ParallelContext, *,
