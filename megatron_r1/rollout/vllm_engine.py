@@ -75,12 +75,19 @@ class VLLMEngine:
                 layers are not the ones model_dir's config.json names). On CPU it costs a
                 capture pass after every generate; off, generate is untouched.
         """
-        # Read by vLLM when it starts the engine: a fresh interpreter, not a fork of this one
-        # (which would inherit the trainer's process group).
+        # Read by vLLM when it starts the engine: workers are fresh interpreters, not forks of
+        # this one (which would inherit the trainer's process group).
         os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        # The engine core (scheduler, KV-cache bookkeeping, detokenisation) in this process,
+        # stepped by `generate` itself (vLLM's InprocClient, v1/engine/core_client.py 353-388),
+        # the workers in their own (the multiprocessing executor below); else a third
+        # process runs the core and every step crosses one more process boundary.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.update(env or {})
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout.cpu_kv_cache_gib))
         from vllm import LLM
+
+        vllm_compat.quiet_idle_readers()  # the core's reader of the workers' outputs
 
         self._on_cuda = torch.cuda.is_available()
         kwargs: dict[str, Any] = dict(
@@ -93,6 +100,10 @@ class VLLMEngine:
             load_format=load_format,
             worker_extension_cls="megatron_r1.rollout.vllm_worker.WeightReceiver",
             enable_prefix_caching=True,
+            # workers in processes of their own even at tensor_parallel 1 (vLLM would run a
+            # lone worker inside the core's process, here the trainer's: its torch.distributed
+            # world would be the trainer's, config/parallel.py 1079-1080)
+            distributed_executor_backend="mp",
         )
         if self._on_cuda:
             kwargs.update(gpu_memory_utilization=rollout.gpu_memory_utilization,

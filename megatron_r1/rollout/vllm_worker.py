@@ -32,6 +32,9 @@ from safetensors.torch import load_file
 
 from megatron_r1.rollout import vllm_compat
 
+# Imported by vLLM when it builds the worker, before the worker's message queues exist
+vllm_compat.quiet_idle_readers()
+
 # the transformer layer of a module: `model.layers.3.mlp.experts` -> 3
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
