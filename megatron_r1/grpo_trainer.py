@@ -45,7 +45,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_r1.batching import MicroBatching, MicroBatchPlan, padding_fraction, plan_microbatches
+from megatron_r1.batching import (
+    MicroBatching,
+    MicroBatchPlan,
+    padding_fraction,
+    plan_microbatches,
+    split_rows,
+)
 from megatron_r1.config import Config
 from megatron_r1.data.prompts import PromptExample, prompt_splits
 from megatron_r1.evaluation import EvalResult, evaluate
@@ -212,29 +218,42 @@ def _replaying(routing: RoutingReplay | None) -> contextlib.AbstractContextManag
     return routing.replaying() if routing is not None else contextlib.nullcontext()
 
 
-def _old_and_ref_logp(stage: Stage, rollout: RolloutTensors, plans: list[MicroBatchPlan],
-                      engine_routing_RSLK: torch.Tensor | None
+def old_from_first_forward(cfg: Config) -> bool:
+    """Whether the rollout's first mini-batch takes its old log-probs from its own training
+    forward instead of the old pass (grpo/forward.py OLD_FROM_FORWARD): pi_old is still the
+    policy then. Not when a correction needs them before the loss (TIS, masking), nor under
+    r2 routing replay, whose old pass records the routing every later pass replays."""
+    correction = Correction(cfg.grpo.tis_imp_ratio_cap, cfg.grpo.seq_mask_low,
+                            cfg.grpo.seq_mask_high)
+    return not correction.enabled and cfg.grpo.routing_replay != "r2"
+
+
+def _old_and_ref_logp(stage: Stage, rollout: RolloutTensors, old_plans: list[MicroBatchPlan],
+                      plans: list[MicroBatchPlan], engine_routing_RSLK: torch.Tensor | None
                       ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor],
                                  torch.Tensor | None]:
-    """The old and reference log-probs of this rank's rows, before any update, and the MoE
-    expert ids the training passes replay (None without routing replay): r2 records the old
-    pass's own routing, r3 replays the engine's in the old pass already; the reference pass
-    replays the same ids, so that its KL compares the same routed computation."""
+    """The old log-probs of the rows `old_plans` hold and the reference log-probs of all
+    this rank's rows (`plans`), before any update, and the MoE expert ids the training passes
+    replay (None without routing replay): r2 records the old pass's own routing, r3 replays
+    the engine's in the old pass already; the reference pass replays the same ids, so that
+    its KL compares the same routed computation."""
     session, cfg = stage.session, stage.cfg
     temperature = cfg.rollout.temperature
     replay = cfg.grpo.routing_replay
     routing_RSLK = engine_routing_RSLK if replay == "r3" else None
     if replay == "r2":
-        assert stage.routing is not None
+        assert stage.routing is not None and old_plans == plans
         with stage.routing.recording():
             old = score_rows(session.model, rollout, plans, session, temperature,
                              routing=stage.routing)
         routing_RSLK = stage.routing.recorded_table(*rollout.tokens_RS.shape)
-    else:
+    elif old_plans:  # none when the rollout is one mini-batch whose forward gives them
         with _replaying(stage.routing):
-            old = score_rows(session.model, rollout, plans, session, temperature,
+            old = score_rows(session.model, rollout, old_plans, session, temperature,
                              routing=stage.routing, routing_RSLK=routing_RSLK)
-    ref = old
+    else:
+        old = {}
+    ref = old  # no reference model: the same dict, so rows added to old later are ref's too
     if stage.ref_model is not None:
         with stage.reference_on_device(), _replaying(stage.ref_routing):
             ref = score_rows(stage.ref_model, rollout, plans, session, temperature,
@@ -258,6 +277,17 @@ def _mismatch(stage: Stage, rollout: RolloutTensors, old_RS: torch.Tensor,
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
     return mismatch_metrics(sums.cpu(), maxima.cpu(), top_p=stage.cfg.rollout.top_p,
                             correction=correction)
+
+
+def _old_logp_of(batches: list[dict[str, Any]], outputs: list[dict[str, Any]]
+                 ) -> dict[int, torch.Tensor]:
+    """The old log-probs the first mini-batch's training forward returned (host, float32
+    [length_R[r]] per row; last-stage ranks, empty elsewhere), as score_rows returns them."""
+    scores: dict[int, torch.Tensor] = {}
+    for batch, out in zip(batches, outputs):
+        rows = split_rows(out["old_logp"].float().cpu(), batch)
+        scores.update(zip(batch["rows"].tolist(), rows))
+    return scores
 
 
 def _rows_of(plans: list[list[list[MicroBatchPlan]]], dp_rank: int) -> list[int]:
@@ -303,25 +333,30 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
     all_mine = [plan for per_step in mine for plan in per_step]
     timings["time/dispatch_s"] = time.perf_counter() - start
 
-    # 3. old (and reference) log-probs of this rank's rows, before any update; how far the
-    #    trainer's lie from the engine's, and the loss's correction for it
+    # 3. old and reference log-probs of this rank's rows, before any update (the first
+    #    mini-batch's old ones come from its own training forward where that is exact), and
+    #    the loss's correction for the train/rollout gap
     start = time.perf_counter()
     temperature = cfg.rollout.temperature
-    old, ref, routing_RSLK = _old_and_ref_logp(stage, rollout, all_mine, local.routing_RSLK)
+    first_own = old_from_first_forward(cfg)
+    old_plans = [plan for per_step in mine[1 if first_own else 0:] for plan in per_step]
+    old, ref, routing_RSLK = _old_and_ref_logp(stage, rollout, old_plans, all_mine,
+                                               local.routing_RSLK)
     shape = rollout.tokens_RS.shape
     correction = Correction(cfg.grpo.tis_imp_ratio_cap, cfg.grpo.seq_mask_low,
                             cfg.grpo.seq_mask_high)
-    old_RS = dense(old, shape)
-    inputs = train_inputs(rollout, local.scalars[:, 0].float(), old_RS, dense(ref, shape),
-                          cfg.grpo.loss_aggregation, cfg.rollout.max_new_tokens, correction,
-                          routing_RSLK)
+    # (the first mini-batch's rows are 0 here when first_own; no correction reads them then)
+    inputs = train_inputs(rollout, local.scalars[:, 0].float(), dense(old, shape),
+                          dense(ref, shape), cfg.grpo.loss_aggregation,
+                          cfg.rollout.max_new_tokens, correction, routing_RSLK)
     timings["time/logp_s"] = time.perf_counter() - start
     lengths = dict(enumerate(length_R.tolist()))
 
-    # 4. one optimizer step per mini-batch
+    # 4. one optimizer step per mini-batch; after the first, every row's old log-probs are
+    #    known: how far they lie from the engine's
     loss_step = forward.loss_step(cfg.grpo, temperature, ctx.tp_group, stage.routing)
     rollout_metrics = {
-        **generated.metrics, **timings, **_mismatch(stage, rollout, old_RS, correction),
+        **generated.metrics, **timings,
         "batch/padding_fraction": padding_fraction([p for m in plans for p in m], lengths),
         "batch/microbatches_per_step": len(all_mine) / len(minibatches),
         "rollout": float(rollout_index)}
@@ -329,9 +364,16 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
         rollout_metrics.update(stage.train_offload.restore())
     for m in range(len(minibatches)):
         batches = [train_microbatch(rollout, plan, inputs) for plan in mine[m]]
+        for batch in batches:
+            batch[forward.OLD_FROM_FORWARD] = m == 0 and first_own
+            batch[forward.REF_IS_OLD] = stage.ref_model is None
         with _replaying(stage.routing):
             result = train_step(session.model, session.optimizer, session.scheduler, batches,
                                 loss_step, forward.LOSS_METRICS, ctx)
+        if m == 0:
+            if first_own:
+                old.update(_old_logp_of(batches, result.outputs))
+            rollout_metrics.update(_mismatch(stage, rollout, dense(old, shape), correction))
         step += 1
         logged = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
         logged.update(stage.guard.observe(step, result))

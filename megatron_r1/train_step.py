@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,6 +41,9 @@ class StepResult:
     nonfinite: str | None = None
     """The first non-finite quantity of a skipped step (e.g. "loss", "the gradient of
     decoder.layers.0.mlp.linear_fc1.weight"), None when everything was finite."""
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    """What the loss function returned for each micro-batch, in order (last pipeline stage;
+    empty elsewhere): per-token outputs a caller asked for besides the metrics."""
 
 
 def train_step(model: list[torch.nn.Module], optimizer: MegatronOptimizer,
@@ -75,7 +79,8 @@ def train_step(model: list[torch.nn.Module], optimizer: MegatronOptimizer,
         metrics["loss_scale"] = float(optimizer.get_loss_scale())
     metrics["lr"] = float(optimizer.param_groups[0]["lr"])
     metrics["step_time_s"] = time.perf_counter() - start
-    return StepResult(metrics=metrics, updated=bool(updated), nonfinite=nonfinite)
+    return StepResult(metrics=metrics, updated=bool(updated), nonfinite=nonfinite,
+                      outputs=per_microbatch)
 
 
 class NonFiniteGuard:

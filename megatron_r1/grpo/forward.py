@@ -4,7 +4,10 @@ Layer L1 (the model is any module called as GPTModel is). Two steps:
 - `score_step`: per-token log-probs (and entropy) of the labels at the sampling temperature,
   for the old-policy and reference log-probs and for the weight-sync check;
 - `loss_step`: the GRPO loss through `grpo_token_loss` (fused kernel where built), whose
-  per-token output is aggregated with the weights of grpo/loss.py.
+  per-token output is aggregated with the weights of grpo/loss.py. A micro-batch of the
+  rollout's first mini-batch may take its old log-probs from its own forward
+  (`OLD_FROM_FORWARD`): the policy has not moved since it sampled, so a separate old pass
+  over those rows would compute the same numbers.
 Under tensor parallelism the logits are this rank's vocabulary shard; the op all-reduces its
 per-row statistics over the TP group (and only those). Batches arrive on the model's device
 (megatron_r1.schedule moves them), padded [B, L] or packed [1, T] with `packed_seq_params`.
@@ -73,20 +76,27 @@ def score_step(temperature: float, fused: str, tp_group: Any,
 def _grpo_loss(batch: Batch, grpo: GRPOConfig, temperature: float, tp_group: Any,
                logits_BSV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     mask, weights = batch["loss_mask"], batch["weights"]
+    own_old = bool(batch.get(OLD_FROM_FORWARD))
+    # pi_old is the policy computing these logits (nothing was updated since it sampled): no
+    # old log-probs make the op take this forward's own, detached (ratio 1 with its gradient;
+    # ops/grpo_loss_reference.py), and without a reference model (kl_coef 0) no reference ones
+    ref_logp = None if own_old and batch.get(REF_IS_OLD) else batch["ref_logp"]
     out = grpo_token_loss(
-        logits_BSV, batch["labels"], batch["old_logp"], batch["ref_logp"], batch["advantages"],
+        logits_BSV, batch["labels"], None if own_old else batch["old_logp"], ref_logp,
+        batch["advantages"],
         mask, clip_low=grpo.clip_low, clip_high=grpo.clip_high, kl_coef=grpo.kl_coef,
         kl_estimator=grpo.kl_estimator, temperature=temperature, grad_scale=weights,
         inplace_grad=True, fused=grpo.fused_loss, tp_group=tp_group,
         vocab_start=_vocab_start(logits_BSV, tp_group))
+    old_logp = out.logp.detach() if own_old else batch["old_logp"]
     loss_sum = (out.loss * weights).sum()
     tokens = mask.sum()
 
     def pair(value_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         return torch.stack([value_sum.detach().float(), count.float()])
 
-    ratio = torch.exp(out.logp - batch["old_logp"]) * mask
-    metrics = {
+    ratio = torch.exp(out.logp - old_logp) * mask
+    metrics: dict[str, Any] = {
         "loss": pair(loss_sum, batch["count"]),
         "kl": pair((out.kl * mask).sum(), tokens),
         "clip_fraction": pair((out.clipped.float() * mask).sum(), tokens),
@@ -97,10 +107,21 @@ def _grpo_loss(batch: Batch, grpo: GRPOConfig, temperature: float, tp_group: Any
         "sampler_logp_abs_diff": pair(((out.logp - batch["sampler_logp"]).abs() * mask).sum(),
                                       tokens),
     }
+    if own_old:
+        metrics["old_logp"] = old_logp.float() * mask  # per token, for the rollout's record
     return loss_sum, batch["count"], metrics
 
 
 LOSS_METRICS = ["loss", "kl", "clip_fraction", "entropy", "ratio_mean", "sampler_logp_abs_diff"]
+
+OLD_FROM_FORWARD = "old_from_forward"
+"""A training micro-batch flag: take the old log-probs from this forward's logits (the first
+mini-batch of a rollout, whose policy is still the sampling one) instead of `old_logp`; the
+loss then also returns them per token as `old_logp`."""
+
+REF_IS_OLD = "ref_is_old"
+"""With OLD_FROM_FORWARD: the run has no reference model (grpo.kl_coef 0), whose log-probs
+stand in for the reference ones; use this forward's for both."""
 
 
 def loss_step(grpo: GRPOConfig, temperature: float, tp_group: Any,
