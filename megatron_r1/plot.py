@@ -11,11 +11,6 @@ import os
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on cluster nodes or CI
-import matplotlib.pyplot as plt
-
 from megatron_r1.metrics import read_metrics
 
 PANELS = (
@@ -50,6 +45,13 @@ def plot_grpo_curves(metrics_path: str | os.PathLike[str],
                      out_path: str | os.PathLike[str]) -> Path:
     """Write the PNG (a panel per entry of PANELS) and return its path."""
     rows = read_metrics(metrics_path)
+    # Imported here: matplotlib costs about a second at start-up on every rank, and only the
+    # logging rank draws, once, at the end.
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes or CI
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(3, 2, figsize=(11, 10), constrained_layout=True)
     for ax, (title, curves) in zip(axes.flat, panel_series(rows)):
         for key, (steps, values) in curves.items():
