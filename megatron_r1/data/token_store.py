@@ -15,8 +15,8 @@ Key decisions:
   parameters; the template; the tokenizer's whole serialisation and its special ids; the
   store format). Any change builds a new store beside the old one instead of reusing a wrong
   one.
-- Built in chunks of TOKENIZE_CHUNK examples (memory bounded by a chunk, not the source) into
-  a temporary sibling directory that is renamed into place when complete: a reader sees a
+- Built in chunks of at most TOKENIZE_CHUNK examples and TOKENIZE_CHARS characters (memory
+  bounded by a chunk, not the source) into a temporary sibling directory that is renamed into place when complete: a reader sees a
   whole store or none, and of two concurrent builders one rename wins and the other's copy is
   discarded.
 
@@ -42,7 +42,10 @@ from transformers import PreTrainedTokenizerBase
 STORE_FORMAT = 1
 """Version of the on-disk layout (part of the key: a new layout never reads an old store)."""
 TOKENIZE_CHUNK = 1024
-"""Examples tokenized per call while building (bounds the builder's memory)."""
+"""Examples tokenized per call while building at most..."""
+TOKENIZE_CHARS = 1 << 20
+"""...and characters (a tokenizer call holds tens of bytes per token of its output until it
+returns: this bounds the builder's memory whatever the examples' lengths)."""
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,18 @@ def _tokenized(pairs: Sequence[tuple[str, str]], tokenizer: PreTrainedTokenizerB
 
 
 def _chunks(pairs: Iterable[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
-    it = iter(pairs)
-    while chunk := list(itertools.islice(it, TOKENIZE_CHUNK)):
+    """The pairs in order, cut into chunks of at most TOKENIZE_CHUNK pairs and (but for a
+    single longer pair) TOKENIZE_CHARS characters."""
+    chunk: list[tuple[str, str]] = []
+    chars = 0
+    for pair in pairs:
+        size = len(pair[0]) + len(pair[1])
+        if chunk and (len(chunk) == TOKENIZE_CHUNK or chars + size > TOKENIZE_CHARS):
+            yield chunk
+            chunk, chars = [], 0
+        chunk.append(pair)
+        chars += size
+    if chunk:
         yield chunk
 
 
