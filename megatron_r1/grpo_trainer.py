@@ -36,7 +36,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ from megatron_r1.batching import (
 from megatron_r1.config import Config
 from megatron_r1.data.prompts import PromptExample, prompt_splits
 from megatron_r1.evaluation import EvalResult, evaluate
-from megatron_r1.experience import ExperienceStore
+from megatron_r1.experience import ExperienceStore, ragged_rows, write_rollout
 from megatron_r1.grpo import forward
 from megatron_r1.grpo.mismatch import (
     Correction,
@@ -70,7 +70,7 @@ from megatron_r1.grpo.rollout_batch import (
     train_microbatch,
 )
 from megatron_r1.hf_export import EngineExport
-from megatron_r1.logprobs import REF_MODEL, collect_on_rank0, dense, reference_models, score_rows
+from megatron_r1.logprobs import REF_MODEL, dense, reference_models, score_rows
 from megatron_r1.model.routing_replay import RoutingReplay
 from megatron_r1.model.transformer_config import TORCH_DTYPES, moe_layer_pattern
 from megatron_r1.model.weights import copy_weights
@@ -98,6 +98,9 @@ log = logging.getLogger(__name__)
 __all__ = ["Stage", "SyncCheckError", "check_sync", "close_stage", "open_stage", "run_eval",
            "run_grpo", "sync_weights"]
 
+EXPERIENCE = "experience.zarr"
+"""The experience store's directory in the run directory (megatron_r1.experience)."""
+
 
 @dataclass
 class Stage:
@@ -119,6 +122,8 @@ class Stage:
     engine: RolloutEngine | None
     scorer: RewardScorer | None
     store: ExperienceStore | None
+    """On rank 0: the experience store's schema, commit log and resume truncation (every
+    writer appends its own rows: `_store_rollout`)."""
     how: MicroBatching
     """How steps are cut into micro-batches (train.* and the layout)."""
     guard: NonFiniteGuard
@@ -300,10 +305,6 @@ def _localize(plan: MicroBatchPlan, index: dict[int, int]) -> MicroBatchPlan:
     return dataclasses.replace(plan, rows=tuple(index[r] for r in plan.rows))
 
 
-def _globalize(scores: dict[int, torch.Tensor], rows: Sequence[int]) -> dict[int, torch.Tensor]:
-    return {rows[i]: value for i, value in scores.items()}
-
-
 def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *,
                        save: bool) -> int:
     """One rollout: sample, score, advantages, log-probs, one optimizer step per mini-batch,
@@ -392,32 +393,9 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
                         kl=f"{result.metrics['kl']:.4f}")
         bar.update(1)
 
-    # 5. experience store: its one writer, rank 0, receives every row (the other ranks only
-    #    send what they hold)
-    old0 = collect_on_rank0(_globalize(old, local.rows), session)
-    ref0 = collect_on_rank0(_globalize(ref, local.rows), session)
-    everything = list(range(len(length_R)))
-    stored = dispatch.receive_rows(
-        generated, [everything if r == 0 else [] for r in range(len(stage.dp_ranks))],
-        width=width, group_size=cfg.grpo.group_size, pad_id=stage.export.pad_id)
-    if stage.store is not None:
-        assert stored.rows == everything  # leaders hold ascending blocks, sent in rank order
-        full, seq = stored.rollout, cfg.data.seq_length
-        names = dispatch.scalar_names(stage.components)
-        columns = {
-            "rollout": torch.full((len(full),), rollout_index),
-            "prompt_index": full.prompt_index_R, "prompt_len": full.prompt_len_R,
-            "completion_len": full.completion_len_R,
-            "tokens": _widen(full.tokens_RS, seq), "labels": _widen(full.labels_RS, seq),
-            "loss_mask": _widen(full.loss_mask_RS, seq).bool(),
-            "old_logp": _widen(dense(old0, full.tokens_RS.shape), seq),
-            "ref_logp": _widen(dense(ref0, full.tokens_RS.shape), seq),
-            "sampler_logp": _widen(full.sampler_logp_RS, seq),
-            **{name: stored.scalars[:, k].float() for k, name in enumerate(names)},
-        }
-        if stored.routing_RSLK is not None:
-            columns["routing"] = _widen(stored.routing_RSLK, seq)
-        stage.store.append(sampled_at, columns)
+    # 5. experience store: every data-parallel rank's writer stores the rows it trained
+    stored = _store_rollout(stage, local, old, ref, rollout_index=rollout_index,
+                            sampled_at=sampled_at, rows=len(length_R))
 
     # 6. checkpoint (with the training state still on the device), then offload
     if save:
@@ -435,16 +413,36 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
 
     # 7. weights to every engine group, every engine checked
     after.update(sync_weights(stage))
-    session.metrics.log(step, after)
+    session.metrics.log(step, {**after, **stored})
     return step
 
 
-def _widen(values_RS: torch.Tensor, width: int) -> torch.Tensor:
-    """[R, width, ...]: rows padded with zeros (the experience store's fixed
-    data.seq_length)."""
-    filler = values_RS.new_zeros((values_RS.shape[0], width - values_RS.shape[1],
-                                  *values_RS.shape[2:]))
-    return torch.cat([values_RS, filler], dim=1)
+def _store_rollout(stage: Stage, local: dispatch.LocalRows, old: dict[int, torch.Tensor],
+                   ref: dict[int, torch.Tensor], *, rollout_index: int, sampled_at: int,
+                   rows: int) -> dict[str, float]:
+    """Each data-parallel rank's rows into the experience store, written by the rank that
+    holds all of them: its last pipeline stage's TP rank 0 (it received the rows and the
+    engine's routing to train them, and computed their old and reference log-probs). Rows
+    stay where they are; rank 0 commits the rollout once every writer is done. Collective;
+    returns `time/store_s` (the slowest writer)."""
+    ctx = stage.session.ctx
+    part = None
+    if ctx.is_last_stage and ctx.tp_rank == 0:
+        rollout, mine = local.rollout, range(len(local.rows))
+        per_token: dict[str, torch.Tensor | list[torch.Tensor]] = {
+            "tokens": rollout.tokens_RS, "labels": rollout.labels_RS,
+            "loss_mask": rollout.loss_mask_RS.bool(), "old_logp": [old[i] for i in mine],
+            "ref_logp": [ref[i] for i in mine], "sampler_logp": rollout.sampler_logp_RS}
+        if local.routing_RSLK is not None:
+            per_token["routing"] = local.routing_RSLK
+        names = dispatch.scalar_names(stage.components)
+        part = ragged_rows(rollout.length_R, per_token, {
+            "row": local.rows, "rollout": rollout_index, "prompt_index": rollout.prompt_index_R,
+            "prompt_len": rollout.prompt_len_R, "completion_len": rollout.completion_len_R,
+            **{name: local.scalars[:, k].float() for k, name in enumerate(names)}})
+    return write_rollout(stage.session.run_dir / EXPERIENCE, stage.store,
+                         writer=f"rank{ctx.rank:05d}", part=part, rollout=rollout_index,
+                         step=sampled_at, rows=rows)
 
 
 # ------------------------------------------------------------------ the stage
@@ -496,8 +494,9 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
                             capture_routing=training and cfg.grpo.routing_replay == "r3")
         scorer = RewardScorer.from_config(cfg.reward, num_workers=cfg.reward.num_workers)
     if ctx.rank == 0 and training:
-        store = ExperienceStore(session.run_dir / "experience.zarr", cfg.data.seq_length,
-                                list(components), routing_shape=_routing_shape(cfg))
+        store = ExperienceStore(session.run_dir / EXPERIENCE, cfg.data.seq_length,
+                                list(components), routing_shape=_routing_shape(cfg),
+                                pad_id=export.pad_id)
     probes = _probe_sequences(eval_prompts or train_prompts, cfg.rollout.sync_check_sequences,
                               tokenizer)
     if training and cfg.rollout.offload_train_state:

@@ -25,7 +25,8 @@ from megatron_r1.checkpoint.hf.plan import MTensor, bind
 from megatron_r1.checkpoint.hf.rules import Family, MapContext, expand_rules
 from megatron_r1.config.schema import ModelConfig
 from megatron_r1.parallel.init import ParallelContext
-from megatron_r1.resharding.gather import gather_buckets, plan_gather
+from megatron_r1.resharding.gather import gather_buckets
+from megatron_r1.resharding.plan import GatherPlan, GatherPlanCache
 
 
 def family_of(model: ModelConfig) -> Family:
@@ -62,7 +63,10 @@ class EngineExport:
             "pad_token_id": tokenizer.pad_token_id,
         }
         self.map_ctx = MapContext(model, self.hf_config)
+        self.plans = GatherPlanCache()
+        """The weight sync's gather plan, built once per layout."""
         self._units: dict[str, Any] | None = None
+        self._bound: GatherPlan | None = None  # the plan _units were bound from
 
     @property
     def pad_id(self) -> int:
@@ -86,8 +90,7 @@ class EngineExport:
             raise
         return out
 
-    def _bind(self, model: list[torch.nn.Module], ctx: ParallelContext) -> dict[str, Any]:
-        plan, _ = plan_gather(model, ctx, self.bucket_bytes)
+    def _bind(self, plan: GatherPlan) -> dict[str, Any]:
         table = {f.name: MTensor(f.shape, f.dtype) for f in plan.fragments}
         units = bind(self.family, expand_rules(self.family, self.map_ctx), self.map_ctx, table)
         return {unit.mcore: unit for unit in units}
@@ -96,10 +99,13 @@ class EngineExport:
                    **where: Any) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Buckets of (HF name, tensor) on the destination ranks (rank 0 unless `where` says
         otherwise: resharding.gather.gather_buckets's keywords), empty elsewhere; every rank
-        must consume the iterator (each bucket is collective)."""
-        if self._units is None:
-            self._units = self._bind(model, ctx)
-        for bucket in gather_buckets(model, ctx, self.bucket_bytes, **where):
+        must consume the iterator (each bucket is collective). The gather plan is kept from
+        sync to sync while the layout holds (resharding.gather.GatherPlanCache)."""
+        buckets = gather_buckets(model, ctx, self.bucket_bytes, cache=self.plans, **where)
+        if self._units is None or self._bound is not self.plans.plan:
+            assert self.plans.plan is not None
+            self._units, self._bound = self._bind(self.plans.plan), self.plans.plan
+        for bucket in buckets:
             out: list[tuple[str, torch.Tensor]] = []
             for name, tensor in bucket:
                 unit = self._units[name]

@@ -13,7 +13,7 @@ batch behind; a packed micro-batch's `cu_seqlens` becomes megatron's PackedSeqPa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return moved
 
 
-def forward_backward(model: list[torch.nn.Module], microbatches: list[Batch],
+def forward_backward(model: list[torch.nn.Module], microbatches: Sequence[Batch],
                      forward_step: ForwardStep, ctx: ParallelContext, *,
                      forward_only: bool = False) -> list[dict[str, torch.Tensor]]:
     """Forward (and backward unless forward_only) over `microbatches` on every chunk.

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, overload
 
 import torch
+import torch.distributed as dist
 
-from megatron_r1.batching import plan_microbatches
+from megatron_r1.batching import MicroBatchPlan, plan_microbatches
 from megatron_r1.config import Config
-from megatron_r1.data.mix import sft_batch_source
+from megatron_r1.data.mix import prepare_sft_data, sft_batch_source
 from megatron_r1.data.sft import MicroBatch, SFTDataset, StepBatch
 from megatron_r1.schedule import LossFn
 from megatron_r1.session import (
@@ -55,10 +58,32 @@ def sft_forward_step(batch: MicroBatch, model: torch.nn.Module) -> tuple[torch.T
     return token_loss, functools.partial(_masked_loss, batch["loss_mask"])
 
 
+class _Batches(Sequence[MicroBatch]):
+    """Micro-batches built when the schedule takes them (megatron pulls one at a time), so a
+    held-out pass never holds more than the micro-batch in flight."""
+
+    def __init__(self, dataset: SFTDataset, plans: list[MicroBatchPlan]) -> None:
+        self.dataset, self.plans = dataset, plans
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    @overload
+    def __getitem__(self, i: int) -> MicroBatch: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[MicroBatch]: ...
+
+    def __getitem__(self, i: int | slice) -> MicroBatch | list[MicroBatch]:
+        if isinstance(i, slice):
+            return [self.dataset.batch(p) for p in self.plans[i]]
+        return self.dataset.batch(self.plans[i])
+
+
 @dataclass(frozen=True)
 class _EvalSet:
-    batches: list[MicroBatch]
-    """This rank's micro-batches of the held-out set."""
+    batches: _Batches
+    """This rank's micro-batches of the held-out set (built as they are consumed)."""
     loss_tokens: int
     """Loss tokens of those micro-batches over all ranks (weights the overall eval_loss)."""
 
@@ -75,11 +100,28 @@ def _eval_set(dataset: SFTDataset, session: Session, name: str) -> _EvalSet:
                          f"data-parallel size = {per_round}")
     plans = plan_microbatches(range(usable), dataset.length_N[:usable].tolist(), layout.data,
                               how)
-    return _EvalSet([dataset.batch(plan) for plan in plans[session.ctx.dp_rank]],
-                    int(dataset.loss_mask_NS[:usable].sum().item()))
+    return _EvalSet(_Batches(dataset, plans[session.ctx.dp_rank]),
+                    int(dataset.loss_tokens_N[:usable].sum()))
 
 
-def _held_out(evaluate: Callable[[list[MicroBatch]], dict[str, float]],
+def _data_cache(cfg: Config, session: Session, tokenizer: Any) -> Path:
+    """The token-store directory, with the stores this run reads built by rank 0 while the
+    other ranks wait (they then memory-map them); an error in the data (a bad JSONL line)
+    stops every rank with rank 0's message. Collective."""
+    cache_dir = Path(cfg.data.cache_dir or session.run_dir / "data_cache")
+    error: list[str | None] = [None]
+    if session.ctx.rank == 0:
+        try:
+            prepare_sft_data(cfg.data, tokenizer, cache_dir)
+        except ValueError as err:
+            error[0] = str(err)
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise ValueError(error[0])
+    return cache_dir
+
+
+def _held_out(evaluate: Callable[[Sequence[MicroBatch]], dict[str, float]],
               sets: dict[str, _EvalSet]) -> dict[str, float]:
     """`eval_loss` over every held-out loss token and, for a mix, `eval_loss/<name>` per
     source; the overall loss weighs the sources by their tokens (as one concatenated set
@@ -122,7 +164,7 @@ def _train(cfg: Config, session: Session) -> dict[str, float]:
     source, eval_data = sft_batch_source(
         cfg.data, tokenizer, global_batch_size=cfg.train.global_batch_size,
         micro_batching=micro_batching(cfg, ctx.layout), dp_rank=ctx.dp_rank,
-        dp_size=ctx.layout.data)
+        dp_size=ctx.layout.data, cache_dir=_data_cache(cfg, session, tokenizer))
     if "data" in session.trainer_state:
         source.load_state_dict(session.trainer_state["data"])
     evaluate = functools.partial(eval_step, session.model, forward_step=sft_forward_step,

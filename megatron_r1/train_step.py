@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,8 +113,9 @@ class NonFiniteGuard:
 
 
 @torch.no_grad()
-def eval_step(model: list[torch.nn.Module], microbatches: list[Batch], forward_step: ForwardStep,
-              metric_keys: list[str], ctx: ParallelContext) -> dict[str, float]:
+def eval_step(model: list[torch.nn.Module], microbatches: Sequence[Batch],
+              forward_step: ForwardStep, metric_keys: list[str],
+              ctx: ParallelContext) -> dict[str, float]:
     """Forward only over `microbatches`; the reduced metrics (collective)."""
     for chunk in model:
         chunk.eval()

@@ -1,83 +1,149 @@
-"""The zarr experience store: append, read back, per-step selection, crash-safe appends."""
+"""The zarr experience store: ragged parts written by their own ranks read back as the former
+one-writer table; commits, crash-safe appends, truncation, schema checks; world size 4."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from megatron_r1.experience import ExperienceStore, read_experience
+from megatron_r1.experience import ExperienceStore, read_experience, write_rollout
 
-
-def rollout(rows: int, seq: int, value: float) -> dict:
-    columns = {
-        "rollout": torch.zeros(rows), "prompt_index": torch.arange(rows),
-        "prompt_len": torch.full((rows,), 3), "completion_len": torch.full((rows,), 2),
-        "tokens": torch.arange(rows * seq).view(rows, seq),
-        "labels": torch.arange(rows * seq).view(rows, seq) + 1,
-        "loss_mask": torch.ones(rows, seq, dtype=torch.bool),
-        "old_logp": torch.full((rows, seq), value), "ref_logp": torch.full((rows, seq), value),
-        "sampler_logp": torch.full((rows, seq), value), "reward": torch.full((rows,), value),
-        "advantage": torch.zeros(rows), "reward_accuracy": torch.ones(rows),
-    }
-    return columns
+from experience_worker import PAD, SEQ, part, rollout
+from procs import REPO, run_script
 
 
-def test_append_and_read_back(tmp_path):
-    store = ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy"])
-    store.append(2, rollout(4, 5, -1.0))
-    store.append(4, rollout(3, 5, -2.0))
-    again = ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy"])  # reopened, appendable
-    assert len(again) == 7
-    rows = again.read(step=4)
-    assert rows["reward"].tolist() == [-2.0] * 3 and rows["tokens"].shape == (3, 5)
-    assert again.read(["step"])["step"].tolist() == [2] * 4 + [4] * 3
-    assert np.asarray(again.read(["reward_accuracy"])["reward_accuracy"]).sum() == 7
+def store(tmp_path: Path, **kwargs) -> ExperienceStore:
+    return ExperienceStore(tmp_path / "x.zarr", SEQ, ["accuracy"], pad_id=PAD, **kwargs)
 
 
-def test_truncate_drops_rows_after_a_checkpoint(tmp_path):
-    store = ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy"])
-    store.append(2, rollout(4, 5, -1.0))
-    store.append(4, rollout(4, 5, -2.0))
-    store.truncate(4)
-    assert len(store) == 4 and store.read()["reward"].tolist() == [-1.0] * 4
+def write(s: ExperienceStore, r: dict, index: int, step: int, split: list[list[int]],
+          routing: bool = False) -> None:
+    for w, rows in enumerate(split):
+        write_rollout(s.path, None, writer=f"rank{w}", part=part(r, rows, index, routing),
+                      rollout=index, step=step, rows=r["rows"])
+    s.commit(index, step, r["rows"])
 
 
-def test_bad_columns_are_named(tmp_path):
-    store = ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy"])
-    bad = rollout(2, 5, 0.0)
+def assert_table(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    """Equal columns; `want` holds the values before the store's dtype cast (as the former
+    writer received them)."""
+    for name, value in want.items():
+        assert got[name].shape == value.shape, name
+        np.testing.assert_array_equal(got[name], value.astype(got[name].dtype), err_msg=name)
+
+
+def test_parts_of_several_writers_read_as_the_former_table(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    first, second = rollout(0, [3, 1, 6, 2]), rollout(1, [4, 2])
+    write(s, first, 0, 2, [[3, 0], [2, 1]])  # writers hold rows in any order
+    write(s, second, 1, 4, [[1, 0]])
+    again = store(tmp_path)  # reopened, appendable
+    assert len(again) == 6
+    table = again.read()
+    want = {k: np.concatenate([first["table"][k], second["table"][k]]) for k in first["table"]}
+    assert_table(table, want)
+    assert table["step"].tolist() == [2] * 4 + [4] * 2 and table["tokens"].shape == (6, SEQ)
+    # tokens hold the pad id up to the rollout's longest row (8 positions in rollout 0)
+    assert table["tokens"][1].tolist() == [1, 9, 9] + [PAD] * 5 + [0] * 4
+    assert_table(again.read(step=4), second["table"])
+    assert_table(read_experience(tmp_path / "x.zarr", ["labels", "reward"]),
+                 {k: want[k] for k in ("labels", "reward")})
+    # ragged on disk: a part holds its rows' positions only, nothing padded to SEQ
+    stored = sum(int(np.prod(a.shape)) for a in (s.group["parts"]["rank0"]["tokens"],
+                                                  s.group["parts"]["rank1"]["tokens"]))
+    assert stored == int(first["packed"].length_R.sum() + second["packed"].length_R.sum())
+
+
+def test_routing_ids_are_stored_ragged(tmp_path: Path) -> None:
+    s = store(tmp_path, routing_shape=(2, 2))
+    r = rollout(0, [3, 5, 1], routing=True)
+    write(s, r, 0, 0, [[0, 2], [1]], routing=True)
+    got = read_experience(tmp_path / "x.zarr", ["routing"])["routing"]
+    assert got.shape == (3, SEQ, 2, 2) and got.dtype == np.int16
+    np.testing.assert_array_equal(got, r["table"]["routing"])
+    with pytest.raises(KeyError, match="routing"):
+        write_rollout(s.path, None, writer="rank0", part=part(r, [0], 1), rollout=1, step=1,
+                      rows=1)
+    with pytest.raises(ValueError, match=r"routing_shape=\[2, 2\], this run's are \[4, 2\]"):
+        store(tmp_path, routing_shape=(4, 2))
+
+
+def test_only_committed_rollouts_are_read_and_a_crashed_append_is_overwritten(
+        tmp_path: Path) -> None:
+    s = store(tmp_path)
+    first, second = rollout(0, [3, 1]), rollout(1, [2, 2])
+    write(s, first, 0, 0, [[0], [1]])
+    # rollout 1: one writer appended, the run died before the other and the commit
+    write_rollout(s.path, None, writer="rank0", part=part(second, [0], 1), rollout=1, step=2,
+                  rows=2)
+    assert len(s) == 2
+    assert_table(read_experience(s.path), first["table"])
+    # a part whose columns were written but not its step: ignored, then overwritten
+    s.group["parts"]["rank1"]["reward"].append(np.ones(1, dtype="float32"))
+    s.truncate(2)  # the resumed run drops what came after its checkpoint
+    write(s, second, 1, 2, [[1], [0]])
+    assert_table(s.read(), {k: np.concatenate([first["table"][k], second["table"][k]])
+                            for k in first["table"]})
+    with pytest.raises(ValueError, match=r"3 rows is not a rollout boundary"):
+        s.truncate(3)
+    s.truncate(2)
+    assert len(s) == 2 and s.read()["rollout"].tolist() == [0, 0]
+    assert all(s.group["parts"][w][name].shape[0] == 1 for w in ("rank0", "rank1")
+               for name in ("step", "reward"))  # the later rollout's rows are gone
+
+
+def test_bad_columns_and_other_schemas_are_named(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    r = rollout(0, [2, 3])
+    bad = part(r, [0, 1], 0)
     del bad["ref_logp"]
     with pytest.raises(KeyError, match="ref_logp"):
-        store.append(0, bad)
-    bad = rollout(2, 4, 0.0)
-    with pytest.raises(ValueError, match=r"experience column tokens: shape \(2, 4\)"):
-        store.append(0, bad)
-    with pytest.raises(ValueError, match=r"data\.seq_length=6"):
-        ExperienceStore(tmp_path / "x.zarr", 6, ["accuracy"])
-
-
-def test_read_only_access_and_a_store_of_another_schema(tmp_path):
-    store = ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy"])
-    store.append(2, rollout(4, 5, -1.0))
-    rows = read_experience(tmp_path / "x.zarr", ["labels", "reward"])
-    assert rows["labels"].shape == (4, 5) and rows["reward"].tolist() == [-1.0] * 4
+        write_rollout(s.path, None, writer="w", part=bad, rollout=0, step=0, rows=2)
+    bad = part(r, [0, 1], 0)
+    bad["tokens"] = bad["tokens"][:-1]
+    with pytest.raises(ValueError, match=r"experience column tokens: shape \(8,\), expected "
+                                         r"\(9,\)"):
+        write_rollout(s.path, None, writer="w", part=bad, rollout=0, step=0, rows=2)
+    with pytest.raises(AssertionError, match="rollout 0: 2 rows written, expected 3"):
+        write_rollout(s.path, s, writer="w", part=part(r, [0, 1], 0), rollout=0, step=0,
+                      rows=3)
+    with pytest.raises(ValueError, match=r"seq_length=12, this run's are 13 \(data.seq_length"):
+        ExperienceStore(tmp_path / "x.zarr", 13, ["accuracy"], pad_id=PAD)
+    with pytest.raises(ValueError, match=r"components=\['accuracy'\], this run's are "
+                                         r"\['accuracy', 'format'\]"):
+        ExperienceStore(tmp_path / "x.zarr", SEQ, ["accuracy", "format"], pad_id=PAD)
     with pytest.raises(KeyError, match="no column"):
         read_experience(tmp_path / "x.zarr", ["values"])
     with pytest.raises(FileNotFoundError, match="no experience store"):
         read_experience(tmp_path / "missing.zarr")
-    # a reward set with another component: the store cannot grow a column for old rows
-    with pytest.raises(ValueError, match="without the column 'reward_format'"):
-        ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy", "format"])
 
 
-def test_routing_column(tmp_path):
-    """With routing replay from the engine, each row's experts per position and MoE layer are
-    stored (int16 [rows, S, layers, top_k]); a store of another shape is refused by name."""
-    store = ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy"], routing_shape=(3, 2))
-    ids = torch.randint(0, 8, (4, 5, 3, 2), dtype=torch.int16)
-    store.append(1, {**rollout(4, 5, 0.0), "routing": ids})
-    np.testing.assert_array_equal(read_experience(tmp_path / "x.zarr", ["routing"])["routing"],
-                                  ids.numpy())
-    with pytest.raises(KeyError, match="routing"):
-        store.append(2, rollout(4, 5, 0.0))
-    with pytest.raises(ValueError, match=r"routing holds rows of shape \(5, 3, 2\).*"
-                                         r"\(MoE layers, top_k\)=\(4, 2\)"):
-        ExperienceStore(tmp_path / "x.zarr", 5, ["accuracy"], routing_shape=(4, 2))
+def test_a_store_of_the_former_layout_is_read_not_appended(tmp_path: Path) -> None:
+    """The recorded rollout of tests/gpu/data (format 1: rank 0 wrote dense [rows, S])."""
+    recorded = REPO / "tests/gpu/data/demo_rollout.zarr"
+    table = read_experience(recorded, ["tokens", "prompt_len", "completion_len", "step"])
+    assert table["tokens"].shape == (256, 128) and table["step"].shape == (256,)
+    assert (table["prompt_len"] + table["completion_len"] <= 129).all()
+    former = tmp_path / "former.zarr"
+    shutil.copytree(recorded, former)
+    with pytest.raises(ValueError, match="former layout"):
+        ExperienceStore(former, 128, ["accuracy", "format"], pad_id=0)
+
+
+def test_every_rank_writes_its_own_rows_at_world_size_4(tmp_path: Path) -> None:
+    """TP2 x DP2 on gloo: each data-parallel rank's writer (TP rank 0) stores the rows its
+    rank trained, which it already holds; during the store no rank receives anything but two
+    one-number all-reduces, and the table equals the former single writer's."""
+    out = tmp_path / "report"
+    run_script(REPO / "tests/experience_worker.py", [str(tmp_path / "x.zarr"), str(out)],
+               nproc=4)
+    reports = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(4)]
+    for rank, report in enumerate(reports):
+        # every collective of the store phase, with its element count: no row data
+        assert report["collectives"] == [["all_reduce", 1], ["all_reduce", 1]], rank
+        assert report["rows_written"] == [16, 0, 16, 0][rank]  # TP rank 0 of each DP rank
+    assert reports[0]["table_equal"] is True and reports[0]["rows"] == 32

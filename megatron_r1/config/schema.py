@@ -390,6 +390,12 @@ class DataConfig:
     """Prompt template: the R1-Zero reasoning template or the raw prompt."""
     seq_length: int = 128
     """Tokens per training sequence (prompt + completion, padded)."""
+    cache_dir: str | None = None
+    """SFT: directory of the tokenized data (megatron_r1.data.token_store: one flat token array
+    per source file, built once by rank 0 and memory-mapped by every rank). A source, template
+    or tokenizer change builds a new store there; point several runs (and stages reading the
+    same files) at one shared directory to tokenize once. None: `<logging.run_dir>/data_cache`
+    (reused by the run's resumes)."""
     num_train_samples: int = 4096
     """Examples generated for training (arithmetic source)."""
     num_eval_samples: int = 128
@@ -441,6 +447,8 @@ class DataConfig:
                          "held-out split, data.num_eval_samples)")
         _require(not (self.eval_path and self.eval_fraction), "data", "eval_fraction",
                  self.eval_fraction, "cannot be combined with data.eval_path")
+        _require(self.cache_dir is None or bool(self.cache_dir.strip()), "data", "cache_dir",
+                 self.cache_dir, "must name a directory (or be unset for the run directory's)")
 
 
 @dataclass(kw_only=True, slots=True)

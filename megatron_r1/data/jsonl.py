@@ -10,7 +10,7 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,32 +19,16 @@ from megatron_r1.config.schema import DataConfig
 T = TypeVar("T")
 
 
-def read_jsonl_records(path: str | Path, keys: Sequence[str],
+def iter_jsonl_records(path: str | Path, keys: Sequence[str],
                        optional: dict[str, Callable[[Any], Any]] | None = None,
                        check: Callable[[dict[str, Any]], None] | None = None
-                       ) -> list[dict[str, Any]]:
-    """Read one JSON object per line (blank lines skipped), keeping the string values of `keys`.
-
-    Args:
-        path: The JSONL file. Other keys are ignored.
-        keys: Keys every object must have, each with a string value.
-        optional: Keys an object may have, each with the function that checks and converts
-            its value (a ValueError it raises is reported with the file, line and key).
-        check: Called with each record; a ValueError it raises is reported with the file and
-            line.
-
-    Returns:
-        {key: value} per object, in file order (optional keys only where present).
-
-    Raises:
-        ValueError: naming the file and the 1-based line for bad UTF-8, bad JSON, a value that
-            is not an object, a missing key or a non-string value; naming the file when it is
-            missing or holds no object.
-    """
+                       ) -> Iterator[dict[str, Any]]:
+    """The records of read_jsonl_records one at a time (a large file is never held whole),
+    with the same checks and errors."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    records = []
+    count = 0
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -80,10 +64,35 @@ def read_jsonl_records(path: str | Path, keys: Sequence[str],
                     check(record)
                 except ValueError as err:
                     raise ValueError(f"{where}: {err}") from None
-            records.append(record)
-    if not records:
+            count += 1
+            yield record
+    if not count:
         raise ValueError(f"{path}: holds no examples")
-    return records
+
+
+def read_jsonl_records(path: str | Path, keys: Sequence[str],
+                       optional: dict[str, Callable[[Any], Any]] | None = None,
+                       check: Callable[[dict[str, Any]], None] | None = None
+                       ) -> list[dict[str, Any]]:
+    """Read one JSON object per line (blank lines skipped), keeping the string values of `keys`.
+
+    Args:
+        path: The JSONL file. Other keys are ignored.
+        keys: Keys every object must have, each with a string value.
+        optional: Keys an object may have, each with the function that checks and converts
+            its value (a ValueError it raises is reported with the file, line and key).
+        check: Called with each record; a ValueError it raises is reported with the file and
+            line.
+
+    Returns:
+        {key: value} per object, in file order (optional keys only where present).
+
+    Raises:
+        ValueError: naming the file and the 1-based line for bad UTF-8, bad JSON, a value that
+            is not an object, a missing key or a non-string value; naming the file when it is
+            missing or holds no object.
+    """
+    return list(iter_jsonl_records(path, keys, optional, check))
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, str]]) -> int:
@@ -105,10 +114,25 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, str]]) -> int:
     return count
 
 
+def held_out_rows(data: DataConfig, records: int) -> list[int]:
+    """The record indices (ascending) that `data.eval_fraction` holds out of data.path's
+    `records` records: chosen by a permutation seeded with data.seed, so SFT and GRPO reading
+    one file hold out the same lines.
+
+    Raises:
+        ValueError: when the fraction would leave no training (or no held-out) record.
+    """
+    count = round(records * data.eval_fraction)
+    if not 0 < count < records:
+        raise ValueError(f"data.eval_fraction={data.eval_fraction} of the {records} records "
+                         f"of {data.path} holds out {count}: need at least one held-out and "
+                         "one training record")
+    return sorted(random.Random(f"held-out:{data.seed}").sample(range(records), count))
+
+
 def jsonl_splits(data: DataConfig, read: Callable[[str], list[T]]) -> tuple[list[T], list[T]]:
     """(train, held-out) records of a JSONL source: `data.eval_path` read the same way, or a
-    `data.eval_fraction` share of `data.path`'s records (chosen by a permutation seeded with
-    data.seed, so SFT and GRPO reading one file hold out the same lines), or none.
+    `data.eval_fraction` share of `data.path`'s records (held_out_rows), or none.
 
     Raises:
         ValueError: when the fraction would leave no training (or no held-out) record.
@@ -119,11 +143,6 @@ def jsonl_splits(data: DataConfig, read: Callable[[str], list[T]]) -> tuple[list
         return records, read(data.eval_path)
     if not data.eval_fraction:
         return records, []
-    count = round(len(records) * data.eval_fraction)
-    if not 0 < count < len(records):
-        raise ValueError(f"data.eval_fraction={data.eval_fraction} of the {len(records)} records "
-                         f"of {data.path} holds out {count}: need at least one held-out and "
-                         "one training record")
-    held = set(random.Random(f"held-out:{data.seed}").sample(range(len(records)), count))
+    held = set(held_out_rows(data, len(records)))
     return ([r for i, r in enumerate(records) if i not in held],
             [r for i, r in enumerate(records) if i in held])

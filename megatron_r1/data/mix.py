@@ -12,8 +12,9 @@ relative weights. Key decisions:
   stream); when a source runs out it starts a new epoch in a new order, independently of the
   others, and no sample is skipped. A global batch may therefore repeat a row of a small
   source.
-- The sources' train sets are concatenated into one SFTDataset (rows offset per source), so
-  micro-batches are cut and padded exactly as for one source (megatron_r1.batching).
+- The sources' train sets are concatenated into one SFTDataset (rows offset per source; only
+  indices are concatenated, each source's token store is shared, not copied), so micro-batches
+  are cut and padded exactly as for one source (megatron_r1.batching).
 - Resuming needs, per source, (epoch, samples consumed in it), plus the stream position k:
   small, identical on every rank, and valid under another DP size.
 
@@ -25,9 +26,11 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,11 +44,10 @@ from megatron_r1.data.sft import (
     SFTDataset,
     StepBatch,
     check_batch_layout,
+    concat_datasets,
     epoch_permutation,
     sft_datasets,
-    sft_examples,
     step_batch,
-    tokenize_sft,
 )
 
 DRAW_BLOCK = 4096
@@ -64,21 +66,24 @@ class MixSource:
     """Held-out samples (its eval_path or a data.eval_fraction of its file), or None."""
 
 
-def mix_sources(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[MixSource]:
-    """Read, template and tokenize each of data.sources (train and held-out splits).
+def mix_sources(data: DataConfig, tokenizer: PreTrainedTokenizerBase, *,
+                cache_dir: str | os.PathLike[str] | None = None) -> list[MixSource]:
+    """Read, template and tokenize each of data.sources (train and held-out splits), into
+    token stores in `cache_dir` (megatron_r1.data.sft.sft_datasets; None: in memory).
 
     Raises:
         ValueError: naming `data.sources[i]` and its file for a source whose every example
-            is too long, besides read_jsonl's file:line errors.
+            is too long, besides the reader's file:line errors.
     """
     sources = []
     for i, entry in enumerate(data.sources):
-        one = _single_source(data, entry)
-        train, held_out = sft_examples(one, seed=data.seed)
         try:
-            train_set = tokenize_sft(train, tokenizer, data.seq_length)
-            eval_set = tokenize_sft(held_out, tokenizer, data.seq_length) if held_out else None
+            train_set, eval_set = sft_datasets(_single_source(data, entry), tokenizer,
+                                               seed=data.seed, cache_dir=cache_dir)
         except ValueError as err:
+            files = [str(Path(p)) for p in (entry.path, entry.eval_path) if p]
+            if str(err).startswith(tuple(files)):  # a reader's error names its file already
+                raise
             raise ValueError(f"data.sources[{i}] ({entry.path}): {err}") from None
         sources.append(MixSource(entry.name, entry.weight, train_set, eval_set))
     return sources
@@ -90,17 +95,6 @@ def _single_source(data: DataConfig, entry: DataSourceConfig) -> DataConfig:
     return dataclasses.replace(
         data, sources=(), path=entry.path, eval_path=entry.eval_path,
         eval_fraction=0.0 if entry.eval_path else data.eval_fraction)
-
-
-def concat_datasets(datasets: Sequence[SFTDataset]) -> SFTDataset:
-    """The rows of every data set, in order (same seq_length), as one data set."""
-    widths = {d.seq_length for d in datasets}
-    assert len(widths) == 1, f"data sets of different seq_length {sorted(widths)}"
-    return SFTDataset(tokens_NS=torch.cat([d.tokens_NS for d in datasets]),
-                      labels_NS=torch.cat([d.labels_NS for d in datasets]),
-                      loss_mask_NS=torch.cat([d.loss_mask_NS for d in datasets]),
-                      length_N=torch.cat([d.length_N for d in datasets]),
-                      num_dropped=sum(d.num_dropped for d in datasets))
 
 
 def source_draws(weights: Sequence[float], seed: int, start: int, count: int) -> list[int]:
@@ -245,10 +239,30 @@ class MixedBatchSource:
         self._consumed = state["consumed_samples"]
 
 
+def prepare_sft_data(data: DataConfig, tokenizer: PreTrainedTokenizerBase,
+                     cache_dir: str | os.PathLike[str]) -> None:
+    """Find or build in `cache_dir` every token store that `data` reads, checking every
+    record on the way: one rank does this while the others wait, then they all open the
+    stores (sft_batch_source) without reading a source file.
+
+    Raises:
+        ValueError: as sft_batch_source.
+    """
+    if data.sources:
+        mix_sources(data, tokenizer, cache_dir=cache_dir)
+    else:
+        sft_datasets(data, tokenizer, seed=data.seed, cache_dir=cache_dir)
+
+
 def sft_batch_source(data: DataConfig, tokenizer: PreTrainedTokenizerBase, *,
                      global_batch_size: int, micro_batching: MicroBatching, dp_rank: int,
-                     dp_size: int) -> tuple[BatchSource, dict[str, SFTDataset]]:
+                     dp_size: int, cache_dir: str | os.PathLike[str] | None = None
+                     ) -> tuple[BatchSource, dict[str, SFTDataset]]:
     """The training stream and the held-out sets that `data` describes.
+
+    Args:
+        cache_dir: Where the token stores are built once and memory-mapped after
+            (megatron_r1.data.token_store); None tokenizes into memory.
 
     Returns:
         (batches, held-out sets): a MixedBatchSource and {source name: eval set} (sources
@@ -256,12 +270,12 @@ def sft_batch_source(data: DataConfig, tokenizer: PreTrainedTokenizerBase, *,
         ({} without one).
     """
     if data.sources:
-        sources = mix_sources(data, tokenizer)
+        sources = mix_sources(data, tokenizer, cache_dir=cache_dir)
         mixed = MixedBatchSource(sources, global_batch_size=global_batch_size,
                                  micro_batching=micro_batching, dp_rank=dp_rank,
                                  dp_size=dp_size, seed=data.seed)
         return mixed, {s.name: s.eval for s in sources if s.eval is not None}
-    train_set, eval_set = sft_datasets(data, tokenizer, seed=data.seed)
+    train_set, eval_set = sft_datasets(data, tokenizer, seed=data.seed, cache_dir=cache_dir)
     single = SFTBatchSource(train_set, global_batch_size=global_batch_size,
                             micro_batching=micro_batching, dp_rank=dp_rank, dp_size=dp_size,
                             seed=data.seed)

@@ -1,11 +1,16 @@
-"""SFT data: (prompt, completion) examples, fixed-length Megatron samples, per-step batches.
+"""SFT data: (prompt, completion) examples, tokenized samples, per-step batches.
 
 Layer L1 (torch + transformers). Key decisions:
-- Megatron's input/label convention: a sample holds S + 1 ids, `bos prompt completion eos pad...`;
-  `tokens = ids[:-1]`, `labels = ids[1:]`, and the loss mask is 1 exactly where the label is a
-  completion token or the eos. Prompt and completion are tokenized separately, as at rollout
-  time (the engine tokenizes the prompt and generates completion ids after it), so the mask
-  boundary is exact and SFT sees the ids the policy will see in GRPO.
+- Megatron's input/label convention: a sample holds at most S + 1 ids, `bos prompt completion
+  eos`; `tokens = ids[:-1]`, `labels = ids[1:]`, and the loss mask is 1 exactly where the label
+  is a completion token or the eos. Prompt and completion are tokenized separately, as at
+  rollout time (the engine tokenizes the prompt and generates completion ids after it), so the
+  mask boundary is exact and SFT sees the ids the policy will see in GRPO.
+- A data set is indices into compact token stores (megatron_r1.data.token_store: one flat id
+  array with offsets, built once per source and tokenizer, memory-mapped from data.cache_dir
+  by every rank); a rank pads only the rows of its own micro-batches, each to the
+  micro-batch's longest row, or packs them. Memory per rank follows the batch, not the data
+  set: no [N, S] tensor exists anywhere.
 - The batch order is a function of (seed, epoch, position in the epoch) only. A step's global
   batch is the next `global_batch_size` samples of the epoch's permutation whatever the
   data-parallel size; megatron_r1.batching deals them to ranks and micro-batches (megatron's
@@ -20,13 +25,16 @@ Shapes: N samples in a data set, S = seq_length, B = micro_batch_size, G = globa
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -45,8 +53,18 @@ from megatron_r1.data.arithmetic import (
     write_solution,
     wrong_answer,
 )
-from megatron_r1.data.jsonl import jsonl_splits, read_jsonl_records
-from megatron_r1.data.template import render_prompt
+from megatron_r1.data.jsonl import (
+    held_out_rows,
+    iter_jsonl_records,
+    read_jsonl_records,
+)
+from megatron_r1.data.template import TemplateName, render_prompt
+from megatron_r1.data.token_store import (
+    TokenStore,
+    cached_store,
+    file_identity,
+    tokenize_pairs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,134 +116,191 @@ def arithmetic_examples(data: DataConfig, *,
     return train, [example(p) for p in splits.eval]
 
 
-def sft_examples(data: DataConfig, *, seed: int) -> tuple[list[SFTExample], list[SFTExample]]:
-    """The (train, eval) examples data.source names; a JSONL source's eval split is
-    data.eval_path or a data.eval_fraction of data.path (none without either).
-
-    Args:
-        data: The data config.
-        seed: Seed of the generated problems (arithmetic source).
-
-    Returns:
-        (train, eval) with data.template applied to every prompt.
-    """
-    if data.source == "arithmetic":
-        return arithmetic_examples(data, seed=seed)
-    train, held_out = jsonl_splits(data, read_jsonl)
-
-    def templated(examples: list[SFTExample]) -> list[SFTExample]:
-        return [SFTExample(render_prompt(e.prompt, data.template), e.completion)
-                for e in examples]
-
-    return templated(train), templated(held_out)
-
-
 # ----------------------------------------------------------------------------- tokenisation
 
 
 @dataclass(frozen=True)
 class SFTDataset:
-    """Tokenized examples as fixed-length Megatron samples."""
+    """Samples cut from token stores (megatron_r1.data.token_store): sample i is example
+    record_N[i] of stores[store_N[i]]. Nothing is padded until a micro-batch is built, and
+    then only that micro-batch's rows (`batch`)."""
 
-    tokens_NS: torch.Tensor
-    """int64 [N, S]: model input, ids[:-1]."""
-    labels_NS: torch.Tensor
-    """int64 [N, S]: next token, ids[1:] (pad where masked)."""
-    loss_mask_NS: torch.Tensor
-    """float32 [N, S]: 1 where the label is a completion token or eos."""
+    stores: tuple[TokenStore, ...]
+    store_N: np.ndarray
+    """int32 [N]: the store of each sample."""
+    record_N: np.ndarray
+    """int64 [N]: each sample's example in its store."""
     length_N: torch.Tensor
-    """int64 [N]: positions each sample uses (its ids minus one); the rest is padding."""
+    """int64 [N]: positions each sample uses (its ids minus one)."""
+    loss_tokens_N: torch.Tensor
+    """int64 [N]: loss positions of each sample (completion tokens and the eos)."""
+    seq_length: int
+    """S: samples use at most S positions (S + 1 ids)."""
     num_dropped: int
     """Examples dropped for being longer than S + 1 tokens."""
 
     def __len__(self) -> int:
-        return self.tokens_NS.shape[0]
+        return len(self.record_N)
 
-    @property
-    def seq_length(self) -> int:
-        return self.tokens_NS.shape[1]
+    def ids(self, sample: int) -> np.ndarray:
+        """int32 [length + 1]: sample i's ids (`bos prompt completion eos`)."""
+        return self.stores[int(self.store_N[sample])].ids(int(self.record_N[sample]))
 
     def batch(self, plan: MicroBatchPlan) -> MicroBatch:
-        """The micro-batch of the plan's samples, padded to its length or packed."""
-        return build_microbatch(plan, self.length_N, per_token={
-            "tokens": self.tokens_NS, "labels": self.labels_NS, "loss_mask": self.loss_mask_NS})
+        """The micro-batch of the plan's samples, padded to its length or packed: only these
+        rows are read from the stores.
+
+        Padding as in a dense layout of S + 1 ids per sample (`ids pad...`, tokens its first
+        S, labels its last S) cut by megatron_r1.batching: the first padded token position
+        holds the eos (the last id), the other padded positions of tokens and labels the pad
+        id up to S and zeros beyond (a length rounded up past S); the loss mask is 0 there.
+        """
+        rows = list(plan.rows)
+        n_B = self.length_N[rows]
+        width = int(n_B.max()) if plan.packed else plan.length
+        filled = min(width, self.seq_length)
+        tokens = torch.zeros(len(rows), width, dtype=torch.int64)
+        labels = torch.zeros(len(rows), width, dtype=torch.int64)
+        loss_mask = torch.zeros(len(rows), width, dtype=torch.float32)
+        for b, row in enumerate(rows):
+            store = self.stores[int(self.store_N[row])]
+            record = int(self.record_N[row])
+            ids = torch.from_numpy(store.ids(record).astype(np.int64))
+            n, start = len(ids) - 1, int(store.loss_start_M[record])
+            tokens[b, n:filled] = store.pad_id
+            labels[b, n:filled] = store.pad_id
+            shown = min(n + 1, filled)  # tokens are ids[:S]: the eos too where it fits
+            tokens[b, :shown], labels[b, :n] = ids[:shown], ids[1:]
+            loss_mask[b, start:n] = 1.0
+        local = MicroBatchPlan(tuple(range(len(rows))), plan.length, plan.packed)
+        batch = build_microbatch(local, n_B, per_token={
+            "tokens": tokens, "labels": labels, "loss_mask": loss_mask})
+        batch["rows"] = torch.tensor(rows, dtype=torch.int64)
+        return batch
+
+
+def cut_dataset(store: TokenStore, records: Sequence[int] | np.ndarray,
+                seq_length: int) -> SFTDataset:
+    """The data set of a store's `records` (in that order) that fit S + 1 ids.
+
+    Raises:
+        ValueError: for no records, a bad seq_length, or when every record is too long.
+    """
+    if not len(records):
+        raise ValueError("no SFT examples to tokenize")
+    if seq_length < 1:
+        raise ValueError(f"seq_length={seq_length}: must be >= 1")
+    record_M = np.asarray(records, dtype=np.int64)
+    size_M = store.offsets_M[record_M + 1] - store.offsets_M[record_M]
+    fits = size_M <= seq_length + 1
+    num_dropped = int((~fits).sum())
+    if not fits.any():
+        raise ValueError(
+            f"all {len(record_M)} examples are longer than seq_length={seq_length} allows "
+            f"({seq_length + 1} ids with bos and eos; the shortest needs {int(size_M.min())}): "
+            "raise data.seq_length")
+    if num_dropped:
+        logger.warning("dropped %d of %d SFT examples longer than seq_length + 1 = %d tokens",
+                       num_dropped, len(record_M), seq_length + 1)
+    record_N = record_M[fits]
+    length_N = torch.from_numpy(size_M[fits] - 1)
+    start_N = torch.from_numpy(np.asarray(store.loss_start_M[record_N], dtype=np.int64))
+    return SFTDataset(stores=(store,), store_N=np.zeros(len(record_N), dtype=np.int32),
+                      record_N=record_N, length_N=length_N, loss_tokens_N=length_N - start_N,
+                      seq_length=seq_length, num_dropped=num_dropped)
+
+
+def concat_datasets(datasets: Sequence[SFTDataset]) -> SFTDataset:
+    """The samples of every data set, in order (same seq_length), as one data set: indices
+    only, the stores are shared."""
+    widths = {d.seq_length for d in datasets}
+    assert len(widths) == 1, f"data sets of different seq_length {sorted(widths)}"
+    first = list(itertools.accumulate([len(d.stores) for d in datasets], initial=0))
+    return SFTDataset(stores=tuple(s for d in datasets for s in d.stores),
+                      store_N=np.concatenate([d.store_N + k for d, k in zip(datasets, first)]),
+                      record_N=np.concatenate([d.record_N for d in datasets]),
+                      length_N=torch.cat([d.length_N for d in datasets]),
+                      loss_tokens_N=torch.cat([d.loss_tokens_N for d in datasets]),
+                      seq_length=widths.pop(), num_dropped=sum(d.num_dropped for d in datasets))
 
 
 def tokenize_sft(examples: Sequence[SFTExample], tokenizer: PreTrainedTokenizerBase,
                  seq_length: int) -> SFTDataset:
-    """Tokenize examples into `bos prompt completion eos` samples, padded to S + 1 ids.
-
-    The bos is left out for a tokenizer without one (e.g. Qwen's); the pad token is eos for a
-    tokenizer without one (padding is never in the loss).
-
-    Args:
-        examples: The examples, prompts already templated.
-        tokenizer: A tokenizer with an eos token.
-        seq_length: S, the model's sequence length.
-
-    Returns:
-        The data set, without the examples that need more than S + 1 ids (counted in
-        `num_dropped` and logged).
+    """Tokenize examples in memory into `bos prompt completion eos` samples (see `cut_dataset`
+    for what is dropped; the bos is left out for a tokenizer without one, e.g. Qwen's).
 
     Raises:
         ValueError: for no examples, a tokenizer without eos, or when every example is too long.
     """
     if not examples:
         raise ValueError("no SFT examples to tokenize")
-    if seq_length < 1:
-        raise ValueError(f"seq_length={seq_length}: must be >= 1")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos token; SFT needs one "
-                         "to end completions")
-    head = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([e.completion for e in examples], add_special_tokens=False)[
-        "input_ids"]
-
-    rows, masks, lengths, shortest = [], [], [], None
-    for prompt_ids, completion_ids in zip(prompts, completions):
-        ids = head + prompt_ids + completion_ids + [eos]
-        if len(ids) > seq_length + 1:
-            shortest = len(ids) if shortest is None else min(shortest, len(ids))
-            continue
-        lengths.append(len(ids) - 1)
-        # Label j is ids[j + 1]: the first completion id is the label at position start - 1.
-        start = max(len(head) + len(prompt_ids) - 1, 0)
-        rows.append(ids + [pad] * (seq_length + 1 - len(ids)))
-        masks.append([0.0] * start + [1.0] * (len(ids) - 1 - start)
-                     + [0.0] * (seq_length + 1 - len(ids)))
-    num_dropped = len(examples) - len(rows)
-    if not rows:
-        raise ValueError(
-            f"all {len(examples)} examples are longer than seq_length={seq_length} allows "
-            f"({seq_length + 1} ids with bos and eos; the shortest needs {shortest}): raise "
-            "data.seq_length")
-    if num_dropped:
-        logger.warning("dropped %d of %d SFT examples longer than seq_length + 1 = %d tokens",
-                       num_dropped, len(examples), seq_length + 1)
-    ids_NL = torch.tensor(rows, dtype=torch.int64)  # L = S + 1
-    return SFTDataset(tokens_NS=ids_NL[:, :-1].contiguous(), labels_NS=ids_NL[:, 1:].contiguous(),
-                      loss_mask_NS=torch.tensor(masks, dtype=torch.float32),
-                      length_N=torch.tensor(lengths, dtype=torch.int64), num_dropped=num_dropped)
+    store = tokenize_pairs(((e.prompt, e.completion) for e in examples), tokenizer)
+    return cut_dataset(store, range(len(store)), seq_length)
 
 
-def sft_datasets(data: DataConfig, tokenizer: PreTrainedTokenizerBase, *,
-                 seed: int) -> tuple[SFTDataset, SFTDataset | None]:
+def _arithmetic_identity(data: DataConfig, seed: int) -> dict[str, Any]:
+    """What decides the arithmetic task's examples (train, then eval)."""
+    return {"source": "arithmetic", "seed": seed, "template": data.template,
+            **{key: getattr(data, key) for key in (
+                "num_train_samples", "num_eval_samples", "arithmetic_min_ops",
+                "arithmetic_max_ops", "arithmetic_max_operand", "arithmetic_answer_noise")}}
+
+
+def _file_pairs(path: str, template: TemplateName) -> Iterator[tuple[str, str]]:
+    for r in iter_jsonl_records(path, ("prompt", "completion")):
+        yield render_prompt(r["prompt"], template), r["completion"]
+
+
+def _file_store(path: str, data: DataConfig, tokenizer: PreTrainedTokenizerBase,
+                cache_dir: Path | None) -> TokenStore:
+    """Every record of a JSONL file, templated and tokenized (cached when cache_dir is set)."""
+    if cache_dir is None:
+        return tokenize_pairs(_file_pairs(path, data.template), tokenizer)
+    return cached_store(cache_dir, Path(path).stem,
+                        {"source": "jsonl", **file_identity(path), "template": data.template},
+                        lambda: _file_pairs(path, data.template), tokenizer)
+
+
+def sft_datasets(data: DataConfig, tokenizer: PreTrainedTokenizerBase, *, seed: int,
+                 cache_dir: str | os.PathLike[str] | None = None
+                 ) -> tuple[SFTDataset, SFTDataset | None]:
     """The train and (if any) eval data sets a data config describes.
 
     Args:
-        data: Source, template and seq_length.
+        data: Source, template and seq_length; a JSONL source's eval split is data.eval_path
+            or a data.eval_fraction of data.path's records (none without either).
         tokenizer: See `tokenize_sft`.
         seed: Seed of the generated problems (arithmetic source).
+        cache_dir: Where the token stores live (built there on first use, memory-mapped
+            after: megatron_r1.data.token_store); None tokenizes into memory.
 
     Returns:
         (train, eval); eval is None for a source without an eval split.
     """
-    train, evaluation = sft_examples(data, seed=seed)
-    eval_set = tokenize_sft(evaluation, tokenizer, data.seq_length) if evaluation else None
-    return tokenize_sft(train, tokenizer, data.seq_length), eval_set
+    cache = None if cache_dir is None else Path(cache_dir)
+    seq = data.seq_length
+    if data.source == "arithmetic":
+        def pairs() -> Iterator[tuple[str, str]]:
+            train, held_out = arithmetic_examples(data, seed=seed)
+            return ((e.prompt, e.completion) for e in [*train, *held_out])
+
+        store = tokenize_pairs(pairs(), tokenizer) if cache is None else cached_store(
+            cache, "arithmetic", _arithmetic_identity(data, seed), pairs, tokenizer)
+        n = data.num_train_samples
+        return (cut_dataset(store, range(n), seq),
+                cut_dataset(store, range(n, len(store)), seq) if len(store) > n else None)
+    assert data.path is not None  # DataConfig checks it for source=jsonl
+    store = _file_store(data.path, data, tokenizer, cache)
+    if data.eval_path:
+        held_out = _file_store(data.eval_path, data, tokenizer, cache)
+        return (cut_dataset(store, range(len(store)), seq),
+                cut_dataset(held_out, range(len(held_out)), seq))
+    if not data.eval_fraction:
+        return cut_dataset(store, range(len(store)), seq), None
+    held = held_out_rows(data, len(store))
+    train = np.ones(len(store), dtype=bool)
+    train[held] = False
+    return cut_dataset(store, np.flatnonzero(train), seq), cut_dataset(store, held, seq)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -292,7 +367,7 @@ def step_batch(dataset: SFTDataset, index_G: torch.Tensor, *, micro_batching: Mi
     plans = plan_microbatches(index_G.tolist(), lengths_G, dp_size, micro_batching)
     lengths = dict(zip(index_G.tolist(), lengths_G))
     return StepBatch(micro_batches=[dataset.batch(plan) for plan in plans[dp_rank]],
-                     global_loss_tokens=int(dataset.loss_mask_NS[index_G].sum().item()),
+                     global_loss_tokens=int(dataset.loss_tokens_N[index_G].sum()),
                      epoch=epoch, padding_fraction=padding_fraction(plans, lengths),
                      global_positions=sum(dataset.length_N[index_G].tolist()))
 

@@ -41,6 +41,7 @@ from megatron_r1.config import load_config
      r"data.eval_fraction=0.1: cannot be combined with data.eval_path"),
     (["rollout.engine=vllm"], r"rollout.engine"),
     (["optim.initial_loss_scale=0"], r"optim.initial_loss_scale=0.0: must be > 0"),
+    (["data.cache_dir="], r"data.cache_dir='': must name a directory"),
 ])
 def test_invalid_values_fail_with_the_key_and_value(overrides, message):
     with pytest.raises(ValueError, match=message):

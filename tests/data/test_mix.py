@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import PreTrainedTokenizerFast
 
 from megatron_r1.batching import MicroBatching
@@ -21,8 +20,15 @@ from megatron_r1.data.mix import (
     sft_batch_source,
     source_draws,
 )
-from megatron_r1.data.sft import SFTBatchSource, SFTDataset, StepBatch, epoch_permutation
+from megatron_r1.data.sft import (
+    SFTBatchSource,
+    SFTDataset,
+    StepBatch,
+    cut_dataset,
+    epoch_permutation,
+)
 from megatron_r1.data.template import render_prompt
+from megatron_r1.data.token_store import from_sequences
 
 # ----------------------------------------------------------------------------- draws
 
@@ -56,11 +62,11 @@ def test_the_source_of_sample_k_depends_on_seed_weights_and_k_only() -> None:
 
 
 def _dataset(n: int, base: int, seq: int = 6) -> SFTDataset:
-    """Row i is recognisable: tokens = base + 10 i + position; 1..seq loss tokens."""
-    tokens = torch.arange(seq).repeat(n, 1) + base + 10 * torch.arange(n)[:, None]
-    mask = (torch.arange(seq)[None, :] < (torch.arange(n)[:, None] % seq + 1)).float()
-    return SFTDataset(tokens_NS=tokens, labels_NS=tokens + 1, loss_mask_NS=mask,
-                      length_N=torch.full((n,), seq), num_dropped=0)
+    """Row i is recognisable: ids = base + 10 i + position (tokens too, labels = tokens + 1);
+    1..seq loss tokens."""
+    ids = [[base + 10 * i + p for p in range(seq + 1)] for i in range(n)]
+    return cut_dataset(from_sequences(ids, [seq - (i % seq + 1) for i in range(n)], pad_id=0),
+                       range(n), seq)
 
 
 # 13 and 5 rows (weights 3:1): 12 steps of 8 draw ~72 and ~24 samples, so both sources wrap
@@ -210,7 +216,7 @@ def test_sources_read_their_own_splits(tmp_path: Path,
     assert [(len(s.train), s.eval and len(s.eval)) for s in mixed] == [(10, 3), (15, 5)]
     template_ids = arithmetic_tokenizer(render_prompt("Compute 0 + 0", data.template),
                                         add_special_tokens=False)["input_ids"]
-    first = mixed[0].train.tokens_NS[0].tolist()
+    first = mixed[0].train.ids(0).tolist()
     assert first[1:1 + len(template_ids)] == template_ids  # after bos: the templated prompt
 
     source, eval_sets = sft_batch_source(data, arithmetic_tokenizer, global_batch_size=8,

@@ -11,7 +11,7 @@ import pytest
 
 from megatron_r1.config.schema import DataConfig
 from megatron_r1.data.prompts import prompt_splits
-from megatron_r1.data.sft import sft_examples
+from megatron_r1.data.sft import sft_datasets
 from megatron_r1.data.template import render_prompt
 
 
@@ -46,9 +46,14 @@ def test_held_out_prompts_from_a_fraction_or_a_file(tmp_path, arithmetic_tokeniz
     assert [q.question for q in prompt_splits(other, arithmetic_tokenizer)[1]] != [
         q.question for q in held_out]
     # SFT reading the same file holds out the same lines
-    _, sft_held_out = sft_examples(DataConfig(source="jsonl", path=str(path), eval_fraction=0.25,
-                                              seed=3, template="none"), seed=0)
-    assert [e.prompt for e in sft_held_out] == [q.question for q in held_out]
+    _, sft_held_out = sft_datasets(DataConfig(source="jsonl", path=str(path), eval_fraction=0.25,
+                                              seed=3, template="none"), arithmetic_tokenizer,
+                                   seed=0)
+    assert sft_held_out is not None
+    tok = arithmetic_tokenizer
+    assert [sft_held_out.ids(i).tolist() for i in range(len(sft_held_out))] == [
+        [tok.bos_token_id, *tok(q.question, add_special_tokens=False)["input_ids"],
+         *tok("x", add_special_tokens=False)["input_ids"], tok.eos_token_id] for q in held_out]
     # a separate held-out file
     eval_path = tmp_path / "eval.jsonl"
     eval_path.write_text(json.dumps({"prompt": "Compute 9 + 9", "answer": "18"}) + "\n")

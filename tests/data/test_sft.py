@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
@@ -12,7 +11,12 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from megatron_r1.batching import MicroBatching, MicroBatchPlan
+from megatron_r1.batching import (
+    MicroBatching,
+    MicroBatchPlan,
+    build_microbatch,
+    plan_microbatches,
+)
 from megatron_r1.config.schema import DataConfig
 from megatron_r1.data.sft import (
     SFTBatchSource,
@@ -20,13 +24,14 @@ from megatron_r1.data.sft import (
     SFTExample,
     StepBatch,
     arithmetic_examples,
+    cut_dataset,
     epoch_permutation,
     read_jsonl,
     sft_datasets,
-    sft_examples,
     tokenize_sft,
 )
 from megatron_r1.data.template import render_prompt
+from megatron_r1.data.token_store import from_sequences
 
 # ----------------------------------------------------------------------------- JSONL
 
@@ -75,13 +80,18 @@ def test_read_jsonl_file_errors(tmp_path: Path) -> None:
         read_jsonl(latin1)
 
 
-def test_jsonl_source_applies_the_template(tmp_path: Path) -> None:
+def test_jsonl_source_applies_the_template(
+        tmp_path: Path, arithmetic_tokenizer: PreTrainedTokenizerFast) -> None:
+    tok = arithmetic_tokenizer
     path = _write(tmp_path / "d.jsonl", [GOOD])
-    train, evaluation = sft_examples(DataConfig(source="jsonl", path=str(path)), seed=0)
-    assert train == [SFTExample(render_prompt("Compute 1 + 2", "r1_zero"), "<answer> 3 </answer>")]
-    assert evaluation == []
-    raw, _ = sft_examples(DataConfig(source="jsonl", path=str(path), template="none"), seed=0)
-    assert raw == [SFTExample("Compute 1 + 2", "<answer> 3 </answer>")]
+    for template in ("r1_zero", "none"):
+        data = DataConfig(source="jsonl", path=str(path), template=template, seq_length=256)
+        train, evaluation = sft_datasets(data, tok, seed=0)
+        prompt = tok(render_prompt("Compute 1 + 2", template), add_special_tokens=False)
+        completion = tok("<answer> 3 </answer>", add_special_tokens=False)
+        assert train.ids(0).tolist() == [tok.bos_token_id, *prompt["input_ids"],
+                                         *completion["input_ids"], tok.eos_token_id]
+        assert evaluation is None
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -97,22 +107,24 @@ def test_sample_layout_and_loss_mask(arithmetic_tokenizer: PreTrainedTokenizerFa
     data = tokenize_sft([example], tok, seq)
     ids = [tok.bos_token_id, *prompt_ids, *completion_ids, tok.eos_token_id]
     padded = ids + [tok.pad_token_id] * (seq + 1 - len(ids))
-    assert data.tokens_NS.shape == data.labels_NS.shape == data.loss_mask_NS.shape == (1, seq)
-    assert data.tokens_NS.dtype == data.labels_NS.dtype == torch.int64
-    assert data.loss_mask_NS.dtype == torch.float32
-    assert data.tokens_NS[0].tolist() == padded[:-1]
-    assert data.labels_NS[0].tolist() == padded[1:]
+    dense = data.batch(MicroBatchPlan((0,), length=seq))  # the row padded to S positions
+    assert dense["tokens"].shape == dense["labels"].shape == dense["loss_mask"].shape == (1, seq)
+    assert dense["tokens"].dtype == dense["labels"].dtype == torch.int64
+    assert dense["loss_mask"].dtype == torch.float32
+    assert dense["tokens"][0].tolist() == padded[:-1]
+    assert dense["labels"][0].tolist() == padded[1:]
     # Loss exactly on the labels that are completion tokens or eos, in one contiguous run.
-    mask = data.loss_mask_NS[0]
+    mask = dense["loss_mask"][0]
     start = len(prompt_ids)  # label at position len(bos + prompt) - 1 is the first completion id
     expected = torch.zeros(seq)
     expected[start:start + len(completion_ids) + 1] = 1.0
     assert torch.equal(mask, expected)
-    learned = data.labels_NS[0][mask.bool()].tolist()
+    learned = dense["labels"][0][mask.bool()].tolist()
     assert learned == [*completion_ids, tok.eos_token_id]
     assert tok.decode(learned, skip_special_tokens=True) == example.completion
-    assert tok.decode(data.tokens_NS[0][: start + 1].tolist(), skip_special_tokens=True) == (
+    assert tok.decode(dense["tokens"][0][: start + 1].tolist(), skip_special_tokens=True) == (
         example.prompt)
+    assert data.loss_tokens_N.tolist() == [len(completion_ids) + 1]
     assert data.length_N.tolist() == [len(ids) - 1]
     batch = data.batch(MicroBatchPlan((0, 0), length=seq))
     assert torch.equal(batch["position_ids"], torch.arange(seq).repeat(2, 1))
@@ -131,7 +143,8 @@ def test_too_long_examples_are_dropped_counted_and_logged(
         data = tokenize_sft([long, short, long], arithmetic_tokenizer, seq)
     assert len(data) == 1 and data.num_dropped == 2
     assert "dropped 2 of 3 SFT examples longer than seq_length + 1" in caplog.text
-    assert data.loss_mask_NS[0, -1] == 1.0 and data.labels_NS[0, -1] == (
+    dense = data.batch(MicroBatchPlan((0,), length=seq))
+    assert dense["loss_mask"][0, -1] == 1.0 and dense["labels"][0, -1] == (
         arithmetic_tokenizer.eos_token_id)
     with pytest.raises(ValueError, match=r"all 2 examples are longer than seq_length=8 allows "
                                          r"\(9 ids with bos and eos; the shortest needs \d+\)"):
@@ -153,13 +166,22 @@ def test_default_arithmetic_examples_all_fit(arithmetic_tokenizer: PreTrainedTok
 # ----------------------------------------------------------------------------- batches
 
 
-def _dataset(n: int, seq: int = 6) -> SFTDataset:
-    """Row i is recognisable: tokens = 100 i + position, a per-row number of loss tokens; every
-    row uses all seq positions."""
-    tokens = torch.arange(seq).repeat(n, 1) + 100 * torch.arange(n)[:, None]
-    mask = (torch.arange(seq)[None, :] < (torch.arange(n)[:, None] % seq + 1)).float()
-    return SFTDataset(tokens_NS=tokens, labels_NS=tokens + 1, loss_mask_NS=mask,
-                      length_N=torch.full((n,), seq), num_dropped=0)
+def _dataset(n: int, seq: int = 6, lengths: list[int] | None = None) -> SFTDataset:
+    """Row i is recognisable: its ids are 100 i + position, so tokens = 100 i + position and
+    labels = tokens + 1; its loss covers its last i % seq + 1 positions (a per-row count);
+    every row uses all seq positions unless `lengths` says otherwise."""
+    lengths = lengths or [seq] * n
+    ids = [[100 * i + p for p in range(m + 1)] for i, m in enumerate(lengths)]
+    starts = [m - min(i % seq + 1, m) for i, m in enumerate(lengths)]
+    return cut_dataset(from_sequences(ids, starts, pad_id=0), range(n), seq)
+
+
+def _row(data: SFTDataset, r: int) -> tuple[list[int], list[int], list[float]]:
+    """Sample r's tokens, labels and loss mask over its positions (what the test built)."""
+    ids = data.ids(r).tolist()
+    n = len(ids) - 1
+    start = n - min(r % data.seq_length + 1, n)
+    return ids[:-1], ids[1:], [0.0] * start + [1.0] * (n - start)
 
 
 def _flat(lists: list[list[int]]) -> list[int]:
@@ -213,9 +235,11 @@ def test_micro_batches_hold_the_indexed_rows() -> None:
     for mb in step.micro_batches:
         index = mb["rows"]
         assert mb["tokens"].shape == (2, 6)
-        assert torch.equal(mb["tokens"], data.tokens_NS[index])
-        assert torch.equal(mb["labels"], data.labels_NS[index])
-        assert torch.equal(mb["loss_mask"], data.loss_mask_NS[index])
+        for b, r in enumerate(index.tolist()):
+            tokens, labels, mask = _row(data, r)
+            assert mb["tokens"][b].tolist() == tokens == [100 * r + p for p in range(6)]
+            assert mb["labels"][b].tolist() == labels == [t + 1 for t in tokens]
+            assert mb["loss_mask"][b].tolist() == mask
 
 
 def test_epochs_are_shuffled_permutations_that_drop_the_tail() -> None:
@@ -257,8 +281,8 @@ def test_resume_continues_the_uninterrupted_stream(dp_before: int, dp_after: int
         s.load_state_dict(state)
     resumed = _global_order([[s.next_step() for s in after] for _ in range(6)])
     assert resumed == straight[5:]
-    resumed_tensors = after[0].dataset.tokens_NS[torch.tensor(resumed[0])]
-    assert torch.equal(resumed_tensors, data.tokens_NS[torch.tensor(straight[5])])
+    assert [after[0].dataset.ids(r).tolist() for r in resumed[0]] == [
+        data.ids(r).tolist() for r in straight[5]]
 
 
 def test_load_state_dict_rejects_another_stream() -> None:
@@ -297,8 +321,7 @@ def test_batch_source_rejects_bad_layouts(kwargs: dict[str, int], message: str) 
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_a_token_budget_keeps_the_global_batch_and_the_loss_denominator(pack: bool) -> None:
-    data = _dataset(37, seq=12)
-    data = dataclasses.replace(data, length_N=torch.arange(37) % 12 + 1)  # varied lengths
+    data = _dataset(37, seq=12, lengths=[i % 12 + 1 for i in range(37)])  # varied lengths
     fixed = _run(data, 2, 3)
     how = MicroBatching(2, max_tokens=16, pack=pack)
     sources = [SFTBatchSource(data, global_batch_size=8, micro_batching=how, dp_rank=r,
@@ -315,3 +338,40 @@ def test_a_token_budget_keeps_the_global_batch_and_the_loss_denominator(pack: bo
                 assert mb["tokens"].shape[1] == int(mb["lengths"].max())
         if pack:
             assert by_budget[0].padding_fraction == 0.0
+
+
+def _dense_reference(data: SFTDataset, pad: int) -> dict[str, torch.Tensor]:
+    """The former layout, as the executable spec of `SFTDataset.batch`: every sample's ids
+    padded to S + 1 with the pad id, tokens = [:, :-1], labels = [:, 1:], float32 mask."""
+    seq = data.seq_length
+    ids_NL = torch.full((len(data), seq + 1), pad, dtype=torch.int64)
+    mask_NS = torch.zeros(len(data), seq)
+    for i in range(len(data)):
+        ids = torch.from_numpy(data.ids(i).astype("int64"))
+        ids_NL[i, :len(ids)] = ids
+        n = len(ids) - 1
+        mask_NS[i, n - int(data.loss_tokens_N[i]):n] = 1.0
+    return {"tokens": ids_NL[:, :-1], "labels": ids_NL[:, 1:], "loss_mask": mask_NS}
+
+
+@pytest.mark.parametrize("how", [
+    MicroBatching(3), MicroBatching(3, multiple_of=4), MicroBatching(3, max_tokens=40),
+    MicroBatching(3, max_tokens=40, pack=True, multiple_of=4), MicroBatching(3, uniform=True),
+], ids=["padded", "rounded-past-S", "budget", "packed", "uniform"])
+def test_batches_equal_the_dense_layout(how: MicroBatching) -> None:
+    """Micro-batches built from the token store are bitwise the micro-batches of the former
+    dense [N, S] tensors (megatron_r1.batching.build_microbatch over them), also where a
+    length rounds up past S, for repeated rows and for packed ones."""
+    lengths = [1, 5, 9, 10, 3, 7, 10, 2, 8, 6, 4, 10]  # S = 10: several rows fill it
+    ids = [[7 + 13 * i + p for p in range(m + 1)] for i, m in enumerate(lengths)]
+    data = cut_dataset(from_sequences(ids, [m // 2 for m in lengths], pad_id=99),
+                       range(len(lengths)), 10)
+    dense = _dense_reference(data, pad=99)
+    index = [3, 0, 11, 6, 6, 2, 9, 1, 8, 5, 4, 10]  # a repeated row too
+    for plan in (p for rank in plan_microbatches(index, data.length_N[index].tolist(), 2, how)
+                 for p in rank):
+        want = build_microbatch(plan, data.length_N, per_token=dense)
+        got = data.batch(plan)
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key

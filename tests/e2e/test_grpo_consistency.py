@@ -63,11 +63,12 @@ def test_grpo_with_routing_replay_and_correction(tmp_path, sft_checkpoint, setti
     assert correction in panels["pi_old / pi_sampler"]
     assert (tmp_path / "grpo_curves.png").stat().st_size > 10_000
     if "grpo.routing_replay=r3" in setting:  # the engine's routing is stored with the rows
-        import zarr
+        from megatron_r1.experience import read_experience
 
-        store = zarr.open_group(str(tmp_path / "experience.zarr"), mode="r")
-        routing = np.asarray(store["routing"][:])
-        lengths = np.asarray(store["prompt_len"][:]) + np.asarray(store["completion_len"][:]) - 1
+        store = read_experience(tmp_path / "experience.zarr",
+                                ["routing", "prompt_len", "completion_len"])
+        routing = store["routing"]
+        lengths = store["prompt_len"] + store["completion_len"] - 1
         assert routing.shape == (64, 128, 2, 2) and routing.dtype == np.int16
         for r in range(64):
             used = routing[r, :lengths[r]]

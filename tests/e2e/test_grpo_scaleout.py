@@ -43,12 +43,12 @@ COMPARED = ("loss", "kl", "clip_fraction", "grad_norm", "entropy", "reward/total
 
 
 def first_rollout(run_dir):
-    import zarr
+    from megatron_r1.experience import read_experience
 
-    store = zarr.open_group(str(run_dir / "experience.zarr"), mode="r")
-    first = np.asarray(store["rollout"][:]) == 0
-    return {name: np.asarray(store[name][:])[first]
-            for name in ("tokens", "sampler_logp", "reward", "advantage", "prompt_index")}
+    names = ["tokens", "sampler_logp", "reward", "advantage", "prompt_index"]
+    store = read_experience(run_dir / "experience.zarr", ["rollout", *names])
+    first = store["rollout"] == 0
+    return {name: store[name][first] for name in names}
 
 
 @pytest.fixture(scope="module")

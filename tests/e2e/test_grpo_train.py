@@ -41,13 +41,13 @@ def test_grpo_trains_logs_and_resumes_exactly(tmp_path, sft_checkpoint):
     assert first["batch/padding_fraction"] < 0.5  # rows padded to their micro-batch's longest
 
     # experience store: both rollouts, every column, rows readable back
-    import zarr
+    from megatron_r1.experience import read_experience
 
-    store = zarr.open_group(str(tmp_path / "straight" / "experience.zarr"), mode="r")
+    store = read_experience(tmp_path / "straight" / "experience.zarr")
     assert store["reward"].shape == (64,) and store["tokens"].shape == (64, 128)
-    assert sorted(set(np.asarray(store["rollout"][:]).tolist())) == [0, 1]
-    mask = np.asarray(store["loss_mask"][:])
-    gap = np.abs(np.asarray(store["old_logp"][:]) - np.asarray(store["sampler_logp"][:]))[mask]
+    assert sorted(set(store["rollout"].tolist())) == [0, 1]
+    mask = store["loss_mask"]
+    gap = np.abs(store["old_logp"] - store["sampler_logp"])[mask]
     assert gap.max() < 1e-3  # trainer and engine log-probs of the sampled tokens
 
     # a job cut at step 2 and requeued continues the same run, bit for bit, also when the

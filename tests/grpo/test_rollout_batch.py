@@ -80,21 +80,20 @@ def test_packed_training_microbatch_holds_the_padded_one_back_to_back():
 
 
 def test_a_rollout_read_back_from_the_experience_store_trains_the_same(tmp_path):
-    from megatron_r1.experience import ExperienceStore, read_experience
+    from megatron_r1.experience import ExperienceStore, ragged_rows, write_rollout
 
     r = pack_rollout([[1, 2], [1, 9, 9]], [[completion([3, 4], [-1, -2])],
                                             [completion([5], [-3])]], 8, 0)
     old = torch.randn(r.tokens_RS.shape)
-    width = 8
-    store = ExperienceStore(tmp_path / "x.zarr", width, [])
-    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-    store.append(0, {
-        "rollout": torch.zeros(2), "prompt_index": r.prompt_index_R, "prompt_len": r.prompt_len_R,
-        "completion_len": r.completion_len_R, "tokens": pad(r.tokens_RS),
-        "labels": pad(r.labels_RS), "loss_mask": pad(r.loss_mask_RS).bool(),
-        "old_logp": pad(old), "ref_logp": pad(old), "sampler_logp": pad(r.sampler_logp_RS),
+    store = ExperienceStore(tmp_path / "x.zarr", 8, [])
+    part = ragged_rows(r.length_R, {
+        "tokens": r.tokens_RS, "labels": r.labels_RS, "loss_mask": r.loss_mask_RS.bool(),
+        "old_logp": old, "ref_logp": old, "sampler_logp": r.sampler_logp_RS}, {
+        "row": [0, 1], "rollout": 0, "prompt_index": r.prompt_index_R,
+        "prompt_len": r.prompt_len_R, "completion_len": r.completion_len_R,
         "reward": torch.ones(2), "advantage": torch.tensor([0.5, -0.5])})
-    back, adv, old_back, _ = stored_rollout(read_experience(tmp_path / "x.zarr"))
+    write_rollout(store.path, store, writer="rank0", part=part, rollout=0, step=0, rows=2)
+    back, adv, old_back, _ = stored_rollout(store.read())
     assert back.length_R.tolist() == r.length_R.tolist() and adv.tolist() == [0.5, -0.5]
     plan = MicroBatchPlan((0, 1), length=3)
     want = train_microbatch(r, plan, train_inputs(r, adv, old, old, "token_mean", 4))

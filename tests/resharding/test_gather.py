@@ -79,3 +79,15 @@ def test_gather_with_uneven_pipeline_stages(tmp_path):
         assert torch.equal(got["tensors"][name], tensor), name
     assert "decoder.layers.2.mlp.experts.local_experts.3.linear_fc1.weight" in got["tensors"]
     assert "decoder.layers.0.mlp.linear_fc1.weight" in got["tensors"]  # the dense layer
+
+
+def test_the_plan_is_kept_across_syncs_and_rebuilt_when_the_layout_changes(tmp_path):
+    """World size 2: the second sync reuses the plan yet reads the weights' new storages
+    (offloading swaps them); a parameter added on one rank only makes both ranks plan again,
+    and the gathered tensors are right every time."""
+    out = tmp_path / "report"
+    run_script(REPO / "tests/resharding/plan_cache_worker.py", [str(out)], nproc=2)
+    for rank in range(2):
+        report = json.loads(Path(f"{out}.{rank}").read_text())
+        assert report["builds"] == [1, 1, 2], rank
+        assert report["ok"] == [True, True, True], rank
