@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -65,6 +64,7 @@ from megatron_r1.grpo.rollout_batch import (
 )
 from megatron_r1.hf_export import EngineExport
 from megatron_r1.logprobs import REF_MODEL, collect_on_rank0, dense, reference_models, score_rows
+from megatron_r1.metrics import count_nonfinite
 from megatron_r1.model.routing_replay import RoutingReplay
 from megatron_r1.model.transformer_config import TORCH_DTYPES, moe_layer_pattern
 from megatron_r1.model.weights import copy_weights
@@ -333,7 +333,7 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
             result = train_step(session.model, session.optimizer, session.scheduler, batches,
                                 loss_step, forward.LOSS_METRICS, ctx)
         step += 1
-        logged = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
+        logged = count_nonfinite(result.metrics)  # NaN/inf logged as null, counted
         logged.update(stage.guard.observe(step, result))
         if stage.ref_model is not None and cfg.grpo.ref_update_interval and \
                 step % cfg.grpo.ref_update_interval == 0:

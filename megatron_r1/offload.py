@@ -80,6 +80,7 @@ class StorageOffload:
         _synchronize(self._device)  # the copies must land before the storage goes
         for storage in self._storages:
             storage.resize_(0)
+        _release_cached(self._device)
         self.offloaded = True
 
     def restore(self) -> None:
@@ -97,6 +98,16 @@ class StorageOffload:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _release_cached(device: torch.device) -> None:
+    """Hand freed device memory back to the driver. A freed storage's block stays in torch's
+    caching allocator, where only this process can use it; the colocated engine is another
+    process, and vLLM sizes itself from the driver's free memory (torch.cuda.mem_get_info;
+    vllm/v1/worker/utils.py around line 761 refuses to start below gpu_memory_utilization x
+    total). Checked on a GPU by tests/gpu/test_offload_gpu.py."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def optimizer_tensors(optimizer: MegatronOptimizer) -> list[torch.Tensor]:

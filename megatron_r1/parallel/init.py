@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_r1 import megatron_compat
+from megatron_r1 import megatron_compat, versions
 from megatron_r1.config.schema import ParallelConfig
 from megatron_r1.layout import Layout
 from megatron_r1.parallel.launch_env import LaunchEnv
@@ -90,6 +90,7 @@ def init_parallel(layout: Layout, parallel: ParallelConfig, launch: LaunchEnv,
     if layout.world_size != launch.world_size:
         raise ValueError(f"the layout was resolved for world size {layout.world_size} but the "
                          f"launcher ({launch.launcher}) started {launch.world_size} processes")
+    versions.check_megatron_core()  # before any group exists: fail at start-up, not deep in
     megatron_compat.apply()
     backend = _backend(parallel)
     if backend == "nccl":

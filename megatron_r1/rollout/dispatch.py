@@ -19,6 +19,7 @@ K per-row scalars.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class ModelReader:
     """Ids it reads per row at most (megatron_r1.data.preference.reward_input_ids)."""
     template: TemplateName
     """The template its training rendered prompts with (data.template of `megatron-r1 rm`)."""
+    fallback_margin: float = 1.0
+    """RewardModelSpec.fallback_margin: how far below the rollout's lowest score of this model
+    a row it cannot score lands."""
 
 
 @dataclass
@@ -216,7 +220,7 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
                 if kinds_R[r] not in applies:
                     continue
                 text = scored_text(c.text, reader.scores)
-                if text is None:  # nothing to read: the row's score is a counted 0
+                if text is None:  # nothing to read: a counted fallback (scores_with_fallback)
                     failures[0, rule + m] += 1
                     continue
                 prompt = render_prompt(prompts[r // n].question, reader.template)
@@ -234,19 +238,45 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
                              torch.zeros(total, models, dtype=torch.float64)], dim=1),
         model_len_RM=table[:, 3 + rule:].to(torch.int64))
     start = time.perf_counter()
-    if models and bool((generated.model_len_RM > 0).any()):
-        assert score_models is not None
-        scores_RM = score_models(generated)
+    if models:
         read_RM = generated.model_len_RM > 0
-        bad_RM = read_RM & ~torch.isfinite(scores_RM)
-        failures[0, rule:] += bad_RM.sum(dim=0).double()
-        generated.values_RC[:, rule:] = torch.where(read_RM & ~bad_RM, scores_RM, 0.0)
+        scores_RM = torch.full(read_RM.shape, math.nan, dtype=torch.float64)
+        if bool(read_RM.any()):
+            assert score_models is not None
+            scores_RM = score_models(generated)
+        failures[0, rule:] += (read_RM & ~torch.isfinite(scores_RM)).sum(dim=0).double()
+        applies_RM = torch.tensor([[kind in rewards.kinds[rule + m] for m in range(models)]
+                                   for kind in kinds_R], dtype=torch.bool).view(total, models)
+        generated.values_RC[:, rule:] = scores_with_fallback(
+            scores_RM, read_RM, applies_RM, [r.fallback_margin for r in readers])
     model_seconds = time.perf_counter() - start
     _finish(generated, rewards, n, std_normalize, failures, maxima,
             truncated=float(table[:, 2 + rule].mean()))
     if models:
         generated.metrics["time/reward_models_s"] = model_seconds
     return generated
+
+
+def scores_with_fallback(scores_RM: torch.Tensor, read_RM: torch.Tensor,
+                         applies_RM: torch.Tensor, margin_M: Sequence[float]) -> torch.Tensor:
+    """The reward models' component values of every row: the score where the model read the
+    row and its score is finite; for a row of the model's kinds it could not score (nothing to
+    read, or a NaN/inf score) the lowest finite score it gave this rollout minus its margin
+    (-margin when it scored no row), a penalty on the model's own scale; 0 for rows of other
+    kinds (which its component does not enter).
+
+    Args:
+        scores_RM: float64 [R, M] scores (anything where read_RM is False).
+        read_RM, applies_RM: bool [R, M]: the model read the row / scores the row's kind.
+        margin_M: per model, RewardModelSpec.fallback_margin.
+    """
+    ok_RM = read_RM & torch.isfinite(scores_RM)
+    lowest_M = torch.where(ok_RM, scores_RM, math.inf).amin(dim=0)
+    lowest_M = torch.where(torch.isfinite(lowest_M), lowest_M, 0.0)
+    fallback_M = lowest_M - torch.tensor(list(margin_M), dtype=torch.float64)
+    failed_RM = applies_RM & ~ok_RM
+    return torch.where(ok_RM, scores_RM,
+                       torch.where(failed_RM, fallback_M.expand_as(scores_RM), 0.0))
 
 
 def _rule_scores(scorer: RewardScorer, prompts: Sequence[PromptExample], rows: list[int],
