@@ -1,7 +1,7 @@
 """Test support: a generation longer than the collective timeout, at world size 2 on gloo.
 
 The default process group's timeout plays parallel.timeout_minutes (2 s here); rank 0 leads
-the one engine group and its engine takes 5 s to generate (the protocol's `generate`, with a
+the one engine group and its engine takes 4 s to generate (the protocol's `generate`, with a
 sleep: the real rollout path, dispatch.generate_rollout, runs around it with real rule
 rewards); rank 1 has no engine. Three rollouts:
 - `waited`: with an EngineWait on a gloo group of its own (rollout.engine_wait_minutes = 1):
@@ -30,7 +30,7 @@ from megatron_r1.rollout.placement import resolve_placement
 from megatron_r1.rollout.types import Completion, SamplingConfig
 
 COLLECTIVE_TIMEOUT_S = 2.0
-GENERATION_S = 5.0
+GENERATION_S = 4.0
 
 
 class SlowEngine:
