@@ -7,7 +7,9 @@ model built and moved to the GPU, megatron's DDP and optimizer), then
      on the completion), through megatron_r1.train_step with the SFT loss;
   2. GRPO, phase by phase as grpo_trainer runs them: old and reference log-probs of every row
      (forward only, the reference model built beside the policy), then one optimizer step per
-     mini-batch with the GRPO loss (the fused CUDA kernel where it is built).
+     mini-batch with the GRPO loss (the fused kernel where it is built: grpo.fused_loss=on,
+     since `auto` keeps CUDA on the PyTorch path until this check has passed; --set
+     grpo.fused_loss=off measures the PyTorch path).
 The rows come from a rollout recorded in the experience store on the CPU machine
 (tests/gpu/data/demo_rollout.zarr: 256 real rollout rows of the tiny model's task); every
 tensor is built on the host and reaches the GPU through megatron_r1.schedule, as in training.
@@ -62,6 +64,7 @@ from megatron_r1.grpo.rollout_batch import (  # noqa: E402
 from megatron_r1.logprobs import REF_MODEL, dense, reference_models, score_rows  # noqa: E402
 from megatron_r1.model.build import count_parameters  # noqa: E402
 from megatron_r1.model.weights import copy_weights  # noqa: E402
+from megatron_r1.ops import fused_kernels_available  # noqa: E402
 from megatron_r1.session import end_session, micro_batching, start_session  # noqa: E402
 from megatron_r1.sft import METRIC_KEYS, sft_forward_step  # noqa: E402
 from megatron_r1.train_step import train_step  # noqa: E402
@@ -150,7 +153,10 @@ def main() -> int:
         f"train.pack_sequences={str(args.pack).lower()}", "grpo.group_size=8",
         f"grpo.prompts_per_rollout={rows // 8}", "grpo.kl_coef=0.001", "optim.lr=1e-5",
         "optim.lr_warmup_steps=0", f"logging.run_dir={run_dir}", "logging.tensorboard=false",
-        f"parallel.backend={'nccl' if args.device == 'cuda' else 'gloo'}", *args.overrides])
+        f"parallel.backend={'nccl' if args.device == 'cuda' else 'gloo'}",
+        # the GPU check of the CUDA kernel in the trainer: `auto` would not pick it on CUDA
+        f"grpo.fused_loss={'on' if fused_kernels_available(args.device) else 'off'}",
+        *args.overrides])
     os.environ.setdefault("MASTER_PORT", "29547")
     session = start_session(cfg, extra_models=reference_models(cfg))
     ctx = session.ctx

@@ -12,7 +12,8 @@ mini-batch's micro-batches for every data-parallel rank from the rows' lengths a
 rank then receives, as tensors, only the rows it trains. Every tensor is built on the host and
 meets the model on its device through megatron_r1.schedule; log-probs come back to the host.
 After the last mini-batch the training state may leave the accelerator
-(rollout.offload_train_state), the weights go to every engine group and every engine's
+(rollout.offload_train_state; also before the engines start, so that they start and the first
+rollout runs beside the weights alone), the weights go to every engine group and every engine's
 log-probs of fixed probe sequences must match the trainer's, or the run stops
 (megatron_r1.weight_sync); a non-finite step is skipped and counted.
 
@@ -34,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,11 +71,13 @@ from megatron_r1.grpo.rollout_batch import (
 )
 from megatron_r1.hf_export import EngineExport
 from megatron_r1.logprobs import REF_MODEL, dense, reference_models, score_rows
+from megatron_r1.metrics import count_nonfinite
 from megatron_r1.model.routing_replay import RoutingReplay
 from megatron_r1.model.transformer_config import TORCH_DTYPES, moe_layer_pattern
 from megatron_r1.model.weights import copy_weights
 from megatron_r1.offload import ModelOffload, TrainStateOffload
 from megatron_r1.optim import gather_updated_params
+from megatron_r1.parallel.init import new_wait_group
 from megatron_r1.plot import plot_grpo_curves
 from megatron_r1.reward.code import SandboxUnavailable, check_sandbox
 from megatron_r1.reward.kinds import RewardRouting, check_prompt_kinds
@@ -138,6 +140,10 @@ class Stage:
     """The same for the reference model (it replays what the policy replays)."""
     reward_models: list[ServedRewardModel] = dataclasses.field(default_factory=list)
     """reward.models, on every rank (forward only, host memory between uses)."""
+    wait: dispatch.EngineWait = dataclasses.field(
+        default_factory=lambda: dispatch.EngineWait(None, 0.0))
+    """Where every rank waits for the engines to finish generating (on the host, within
+    rollout.engine_wait_minutes, not inside an NCCL collective)."""
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -216,7 +222,7 @@ def _sample(stage: Stage, rollout_index: int) -> dispatch.Generated:
         target_language=cfg.reward.target_language, std_normalize=cfg.grpo.std_normalize,
         routing_shape=stage.routing_shape, readers=[s.reader for s in models],
         score_models=lambda generated: score_rollout(models, generated, session,
-                                                     stage.dp_ranks))
+                                                     stage.dp_ranks), wait=stage.wait)
 
 
 def _replaying(routing: RoutingReplay | None) -> contextlib.AbstractContextManager[None]:
@@ -376,7 +382,7 @@ def _rollout_iteration(stage: Stage, rollout_index: int, step: int, bar: tqdm, *
                 old.update(_old_logp_of(batches, result.outputs))
             rollout_metrics.update(_mismatch(stage, rollout, dense(old, shape), correction))
         step += 1
-        logged = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
+        logged = count_nonfinite(result.metrics)  # NaN/inf logged as null, counted
         logged.update(stage.guard.observe(step, result))
         if stage.ref_model is not None and cfg.grpo.ref_update_interval and \
                 step % cfg.grpo.ref_update_interval == 0:
@@ -459,9 +465,13 @@ def _probe_sequences(prompts: list[PromptExample], count: int, tokenizer: Any) -
 def open_stage(cfg: Config, *, training: bool = True) -> Stage:
     """Start the session, the prompts, on every engine group's leader its engine and reward
     scorer, and on rank 0 the experience store when `training`; engines hold dummy weights
-    until the first `sync_weights`. Collective; pair with `close_stage`."""
+    until the first `sync_weights`. The optimizer state, gradients (rollout.offload_train_state)
+    and reference model (grpo.offload_reference) leave the device before the engines start.
+    Collective; pair with `close_stage`."""
     session = start_session(cfg, extra_models=reference_models(cfg) if training else None)
     ctx = session.ctx
+    wait = dispatch.EngineWait(new_wait_group(cfg.rollout.engine_wait_minutes),
+                               cfg.rollout.engine_wait_minutes)
     placement = resolve_placement(cfg.rollout, ctx.layout.world_size, ctx.launch.local_world_size)
     group = placement.group_of(ctx.rank)
     dp_ranks: list[Any] = [None] * ctx.layout.world_size
@@ -479,9 +489,20 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
     reward_models = load_reward_models(cfg, session) if training else []  # before the engines
     export = EngineExport(cfg.model, tokenizer, bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
     components = rewards.names
-    engine = scorer = store = train_offload = ref_offload = None
+    engine = scorer = store = None
     if ctx.rank == group.leader and any(q.tests for q in train_prompts + eval_prompts):
         _check_code_rewards(cfg)
+    # What the config keeps off the device leaves it before the engines start: vLLM refuses
+    # to start unless gpu_memory_utilization x the device's memory is free
+    # (vllm/v1/worker/utils.py, around line 761), and the first sync and rollout run next.
+    train_offload = ref_offload = None
+    if training and cfg.rollout.offload_train_state:
+        train_offload = TrainStateOffload(session.model, session.optimizer,  # type: ignore[arg-type]
+                                          ctx.device)
+        train_offload.offload()  # restored before the first optimizer step
+    if session.extra_models and cfg.grpo.offload_reference:
+        ref_offload = ModelOffload(session.extra_models[REF_MODEL], ctx.device)
+        ref_offload.offload()
     if ctx.rank == group.leader:
         from megatron_r1.rollout.vllm_engine import VLLMEngine, engine_environment
 
@@ -499,12 +520,6 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
                                 pad_id=export.pad_id)
     probes = _probe_sequences(eval_prompts or train_prompts, cfg.rollout.sync_check_sequences,
                               tokenizer)
-    if training and cfg.rollout.offload_train_state:
-        train_offload = TrainStateOffload(session.model, session.optimizer,  # type: ignore[arg-type]
-                                          ctx.device)
-    if session.extra_models and cfg.grpo.offload_reference:
-        ref_offload = ModelOffload(session.extra_models[REF_MODEL], ctx.device)
-        ref_offload.offload()
     routing = ref_routing = None
     if training and cfg.grpo.routing_replay != "none":
         routing = _routing_replay(cfg, session.model, session)
@@ -516,7 +531,7 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
                  engine=engine, scorer=scorer, store=store,
                  how=micro_batching(cfg, ctx.layout), train_offload=train_offload,
                  ref_offload=ref_offload, guard=NonFiniteGuard(cfg.train.max_consecutive_nonfinite),
-                 routing=routing, ref_routing=ref_routing)
+                 routing=routing, ref_routing=ref_routing, wait=wait)
 
 
 def _routing_replay(cfg: Config, chunks: list[torch.nn.Module], session: Session
@@ -580,6 +595,7 @@ def _evaluate(stage: Stage, step: int) -> dict[str, float]:
         n = part.questions
         sums += torch.tensor([part.pass_at_1 * n, part.cons_at_k * n,
                               part.mean_response_tokens * n, n], dtype=torch.float64)
+    stage.wait("an evaluation")  # on the host, not inside the all-reduce below
     if dist.get_world_size() > 1:
         sums = sums.to(dispatch.comm_device())
         dist.all_reduce(sums)

@@ -14,6 +14,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+NONFINITE_METRICS = "nonfinite_metrics"
+"""How many of a step's logged values are NaN or infinite (each written as null)."""
+
+
+def count_nonfinite(metrics: dict[str, float]) -> dict[str, float]:
+    """`metrics` with every value kept, non-finite ones included (MetricsWriter writes them
+    as null), and NONFINITE_METRICS counting them, so that a NaN entropy or clip fraction is
+    seen in metrics.jsonl instead of dropped. The count is logged only when it is non-zero
+    (0 on every healthy step would add a column that says nothing)."""
+    bad = sum(1 for v in metrics.values() if not math.isfinite(v))
+    return {**metrics, NONFINITE_METRICS: float(bad)} if bad else dict(metrics)
+
 
 class MetricsWriter:
     """Append step metrics to <run_dir>/metrics.jsonl and TensorBoard (rank 0 only)."""

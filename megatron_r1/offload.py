@@ -80,6 +80,7 @@ class StorageOffload:
         _synchronize(self._device)  # the copies must land before the storage goes
         for storage in self._storages:
             storage.resize_(0)
+        _release_cached(self._device)
         self.offloaded = True
 
     def restore(self) -> None:
@@ -99,6 +100,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _release_cached(device: torch.device) -> None:
+    """Hand freed device memory back to the driver. A freed storage's block stays in torch's
+    caching allocator, where only this process can use it; the colocated engine is another
+    process, and vLLM sizes itself from the driver's free memory (torch.cuda.mem_get_info;
+    vllm/v1/worker/utils.py around line 761 refuses to start below gpu_memory_utilization x
+    total). Checked on a GPU by tests/gpu/test_offload_gpu.py."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def optimizer_tensors(optimizer: MegatronOptimizer) -> list[torch.Tensor]:
     """Every tensor the torch optimizers behind megatron's hold: their parameters (fp32
     master weights for 16-bit models, shards under the distributed optimizer) and states."""
@@ -116,14 +127,16 @@ def optimizer_tensors(optimizer: MegatronOptimizer) -> list[torch.Tensor]:
 
 class TrainStateOffload:
     """rollout.offload_train_state: optimizer states and master weights to host, gradient
-    buffers freed, between a rollout's last optimizer step and the next rollout's first."""
+    buffers freed, between a rollout's last optimizer step and the next rollout's first, and
+    from start-up (before the rollout engines start) to the first step."""
 
     def __init__(self, model: list[DistributedDataParallel], optimizer: MegatronOptimizer,
                  device: torch.device) -> None:
         self.model = model
         self.optimizer = optimizer
         self.device = device
-        self._states: StorageOffload | None = None  # built at the first offload (lazy states)
+        self._states: StorageOffload | None = None
+        self._state_ids: tuple[int, ...] = ()  # the optimizer tensors _states was built for
         self.offloaded = False
 
     def offload(self) -> dict[str, float]:
@@ -131,10 +144,15 @@ class TrainStateOffload:
         if self.offloaded:
             return {}
         start = time.perf_counter()
-        if self._states is None:
+        tensors = optimizer_tensors(self.optimizer)
+        ids = tuple(id(t) for t in tensors)
+        if self._states is None or ids != self._state_ids:
+            # Adam's moments appear at the first step (torch creates optimizer state lazily),
+            # so an offload before training (at start-up) sees fewer tensors than the ones
+            # after: rebuilt once then, its host buffers reused from there on.
             params = [p for chunk in self.model for p in chunk.parameters()]
-            self._states = StorageOffload(optimizer_tensors(self.optimizer), self.device,
-                                          keep=params)
+            self._states = StorageOffload(tensors, self.device, keep=params)
+            self._state_ids = ids
         self._states.offload()
         grads = sum(b.grad_data.untyped_storage().nbytes() for chunk in self.model
                     for b in [*chunk.buffers, *chunk.expert_parallel_buffers])

@@ -20,8 +20,9 @@ holds its tokenizer). Key decisions:
   every rank's micro-batches (each rank runs the same number of micro-batches of one shape,
   which pipeline and expert parallelism need); a row scored twice gets the mean of its
   identical scores.
-- A failure of one row (a non-finite score) is data: the row scores 0 and is counted
-  (dispatch.generate_rollout); an error of the model itself (a bad checkpoint) stops the run
+- A failure of one row (no summary to read, a non-finite score) is data: the row scores
+  the model's fallback, its margin below the rollout's lowest score of that model, and is
+  counted (dispatch.scores_with_fallback); an error of the model itself (a bad checkpoint) stops the run
   at start-up, before any rollout.
 
 Shapes: R rows of the rollout, M reward models, B rows per micro-batch, L positions.
@@ -138,7 +139,8 @@ def load_reward_models(cfg: Config, session: Session) -> list[ServedRewardModel]
         load_checkpoint(step, chunks, None, None, ctx)
         reader = ModelReader(name=spec.name, scores=spec.scores,
                              tokenizer=load_tokenizer(step.parent / ASSETS_DIR),
-                             max_length=max_length, template=fed["template"])
+                             max_length=max_length, template=fed["template"],
+                             fallback_margin=spec.fallback_margin)
         offload = ModelOffload(chunks, ctx.device)
         offload.offload()
         served.append(ServedRewardModel(spec, chunks, reader, offload, step))

@@ -10,7 +10,7 @@ set does not depend on the engine count), scores them with its rule rewards in i
 worker pool and keeps what megatron_r1.rejection accepts; the kept outputs go to rank 0, which
 writes the data set atomically (nothing is left behind by a failed run), with a report of
 every verdict next to it; `megatron-r1 sft --set data.source=jsonl --set data.path=<output>`
-trains on it. Ranks without an engine wait (within parallel.timeout_minutes).
+trains on it. Ranks without an engine wait on the host (within rollout.engine_wait_minutes).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def run_sample(cfg: Config) -> dict[str, Any]:
         sync = sync_weights(stage)
         start = time.perf_counter()
         part = _sample_block(stage, max_new) if stage.engine is not None else None
+        stage.wait("rejection sampling")  # on the host, not inside the gather below
         parts: list[Any] | None = [None] * dist.get_world_size() if stage.session.ctx.rank == 0 \
             else None
         dist.gather_object(part, parts, dst=0)  # the kept texts, to the one writer

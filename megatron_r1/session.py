@@ -2,8 +2,9 @@
 
 Layer L3. In order: find this process's rank (launcher env), check the layout against the
 world size (before any process group exists), start the process groups, write the resolved
-config, build and wrap the model, build the optimizer, and restore state: the run's own
-latest checkpoint if it has one (a requeued job resumes), else `checkpoint.load_dir` if set.
+config, build and wrap the model (without drawing random weights when a checkpoint supplies
+them), build the optimizer, and restore state: the run's own latest checkpoint if it has one
+(a requeued job resumes), else `checkpoint.load_dir` if set.
 SFT and GRPO share it, so both resume, log and save the same way.
 
 Every checkpoint records the model config and the model's source (the Hugging Face model it
@@ -19,7 +20,7 @@ import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -146,7 +147,14 @@ def micro_batching(cfg: Config, layout: Layout) -> MicroBatching:
 
 
 ExtraModels = Callable[[ParallelContext], dict[str, list[torch.nn.Module]]]
-ModelBuilder = Callable[[ModelConfig, ParallelConfig, ParallelContext], list[Any]]
+
+
+class ModelBuilder(Protocol):
+    """Builds this rank's model chunks (model.build.build_model, reward_head's
+    build_reward_model); `perform_initialization=False` leaves the weights unset."""
+
+    def __call__(self, model: ModelConfig, parallel: ParallelConfig, ctx: ParallelContext, *,
+                 perform_initialization: bool = True) -> list[Any]: ...
 
 
 def start_session(cfg: Config, launch: LaunchEnv | None = None,
@@ -170,13 +178,18 @@ def start_session(cfg: Config, launch: LaunchEnv | None = None,
     run_dir = Path(cfg.logging.run_dir)
     if ctx.rank == 0:
         write_resolved_config(cfg, run_dir)
-    chunks = build(cfg.model, cfg.parallel, ctx)
+    checkpoint_dir = Path(cfg.checkpoint.save_dir or run_dir / "checkpoints")
+    path, own = _initial_checkpoint(cfg, checkpoint_dir)
+    # A checkpoint loaded next overwrites every weight (load_checkpoint loads strictly),
+    # except `fresh` ones a load_dir checkpoint may lack: random weights drawn first would be
+    # thrown away, and each rank draws its layers' full, unsharded weights on the CPU
+    # (use_cpu_initialization) before splitting them, minutes for a large model.
+    chunks = build(cfg.model, cfg.parallel, ctx,
+                   perform_initialization=path is None or (not own and bool(fresh)))
     model: list[torch.nn.Module] = list(wrap_for_training(chunks, cfg.model, cfg.parallel, ctx))
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.model, cfg.parallel,  # type: ignore[arg-type]
                                            cfg.train.steps, ctx)
     extras = extra_models(ctx) if extra_models is not None else {}
-    checkpoint_dir = Path(cfg.checkpoint.save_dir or run_dir / "checkpoints")
-    path, own = _initial_checkpoint(cfg, checkpoint_dir)
     start_step, trainer_state = 0, {}
     if path is not None:
         full = own or cfg.checkpoint.load_optimizer
@@ -187,9 +200,9 @@ def start_session(cfg: Config, launch: LaunchEnv | None = None,
         if full:
             start_step, trainer_state = state.pop("step"), state
         else:
-            # The optimizer copied the freshly initialised weights into its fp32 master
-            # weights when it was built (bf16/fp16 models); without this its first step
-            # would write those random weights back over the loaded ones.
+            # The optimizer copied the weights as built (random or unset) into its fp32
+            # master weights when it was built (bf16/fp16 models); without this its first
+            # step would write them back over the loaded ones.
             optimizer.reload_model_params()
         if ctx.rank == 0:
             log.info("loaded %s (%s)", path, "resume" if own else

@@ -1,7 +1,8 @@
 """The optimizer-step loop of the supervised stages: SFT and reward-model training.
 
-Layer L3. Steps from the stage's batch source, one `train_step` each, finite metrics logged
-every logging.log_interval steps, non-finite steps skipped and counted (NonFiniteGuard), a
+Layer L3. Steps from the stage's batch source, one `train_step` each, metrics logged
+every logging.log_interval steps (a non-finite value as null, counted in
+nonfinite_metrics), non-finite steps skipped and counted (NonFiniteGuard), a
 progress bar, and checkpoints every checkpoint.save_interval steps and at the last, each with
 the source's position (`{"data": source.state_dict()}`) so that a resume continues the same
 stream. What differs between the stages (batches, forward step, metrics, the progress bar's
@@ -11,13 +12,13 @@ figures, what megatron_r1.json records) comes in as arguments.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from megatron_r1.metrics import count_nonfinite
 from megatron_r1.schedule import ForwardStep
 from megatron_r1.session import Session
 from megatron_r1.train_step import NonFiniteGuard, train_step
@@ -59,7 +60,7 @@ def run_steps(session: Session, source: StepBatches, forward_step: ForwardStep,
         batch = source.next_step()
         result = train_step(session.model, session.optimizer, session.scheduler,
                             batch.micro_batches, forward_step, metric_keys, ctx)
-        metrics = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
+        metrics = count_nonfinite(result.metrics)  # NaN/inf logged as null, counted
         metrics.update(guard.observe(step, result))
         # positions the step trained on over all ranks, padding excluded
         metrics["tokens_per_s"] = batch.global_positions / metrics["step_time_s"]

@@ -3,7 +3,7 @@ after its last checkpoint."""
 
 import math
 
-from megatron_r1.metrics import MetricsWriter, read_metrics
+from megatron_r1.metrics import NONFINITE_METRICS, MetricsWriter, count_nonfinite, read_metrics
 
 
 def test_rows_and_tensorboard(tmp_path):
@@ -29,3 +29,15 @@ def test_resume_truncates_rows_after_the_checkpoint(tmp_path):
 def test_disabled_writer_writes_nothing(tmp_path):
     MetricsWriter(tmp_path, enabled=False, tensorboard=True).log(1, {"loss": 1.0})
     assert not list(tmp_path.iterdir())
+
+
+def test_nonfinite_step_metrics_are_logged_as_null_and_counted(tmp_path):
+    """A NaN entropy or clip fraction reaches metrics.jsonl (as null) with a count beside it,
+    so a test that checks every logged value can see it; a healthy step adds no column."""
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    writer.log(1, count_nonfinite({"loss": 0.5, "entropy": math.nan, "clip_fraction": math.inf}))
+    writer.log(2, count_nonfinite({"loss": 0.4, "entropy": 1.5}))
+    assert read_metrics(tmp_path / "metrics.jsonl") == [
+        {"step": 1, "loss": 0.5, "entropy": None, "clip_fraction": None,
+         NONFINITE_METRICS: 2.0},
+        {"step": 2, "loss": 0.4, "entropy": 1.5}]

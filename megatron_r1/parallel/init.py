@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_r1 import megatron_compat
+from megatron_r1 import megatron_compat, versions
 from megatron_r1.config.schema import ParallelConfig
 from megatron_r1.layout import Layout
 from megatron_r1.parallel.launch_env import LaunchEnv
@@ -90,6 +90,7 @@ def init_parallel(layout: Layout, parallel: ParallelConfig, launch: LaunchEnv,
     if layout.world_size != launch.world_size:
         raise ValueError(f"the layout was resolved for world size {layout.world_size} but the "
                          f"launcher ({launch.launcher}) started {launch.world_size} processes")
+    versions.check_megatron_core()  # before any group exists: fail at start-up, not deep in
     megatron_compat.apply()
     backend = _backend(parallel)
     if backend == "nccl":
@@ -133,6 +134,17 @@ def init_parallel(layout: Layout, parallel: ParallelConfig, launch: LaunchEnv,
              launch.world_size, launch.launcher, backend, ctx.tp_rank, ctx.pp_rank, ctx.cp_rank,
              ctx.ep_rank, ctx.dp_rank)
     return ctx
+
+
+def new_wait_group(timeout_minutes: float) -> dist.ProcessGroup | None:
+    """A gloo group of every rank with its own timeout, for waits on the host that may last
+    longer than any collective should (rollout.engine_wait_minutes; rollout/dispatch.py,
+    EngineWait); None at world size 1. Collective: every rank calls it, in the same order as
+    its other group creations (torch.distributed.new_group's contract)."""
+    if dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo",
+                          timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
 def destroy_parallel() -> None:

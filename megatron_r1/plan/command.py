@@ -79,7 +79,10 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="full-length sequences each engine must hold in its KV cache (default "
                         "1, vLLM's own start-up check; the ranking prefers more)")
     p.add_argument("--rollout-weights", choices=["auto", "fp8", "bf16", "fp32"],
-                   default="auto", help="auto: fp8 when model.fp8 is set, else the params dtype")
+                   default="auto",
+                   help="the engine's weight dtype. auto: what the engine loads, the policy's "
+                        "params dtype (FP8 training included: the export writes no quantized "
+                        "weights); fp8 prices a quantizing export that does not exist yet")
     p.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16")
     p.add_argument("--rollout-overhead", type=_size, default=parse_size("3GB"), metavar="SIZE",
                    help="awake engine beyond weights and KV: CUDA graphs, workspace (3GB)")
@@ -116,8 +119,9 @@ def options_from_args(cfg: Config, args: argparse.Namespace) -> PlanOptions:
                          f"--ib-bandwidth={args.ib_bandwidth / 1e9:g} GB/s must be > 0")
     attention: AttentionImpl = args.attention if args.attention != "auto" else (
         "unfused" if cfg.model.transformer_impl == "local" else "flash")
+    # The engine loads the exported config's dtype, the policy's params dtype: EngineExport
+    # writes no quantization_config, so an FP8-trained policy still serves in bf16.
     weights: WeightsDtype = args.rollout_weights if args.rollout_weights != "auto" else (
-        "fp8" if cfg.model.fp8 != "none" else
         "fp32" if cfg.model.params_dtype == "fp32" else "bf16")
     return PlanOptions(
         gpus=args.gpus, gpu_memory=args.gpu_memory, gpus_per_node=args.gpus_per_node,

@@ -1,29 +1,39 @@
-"""Bytes on each GPU in each phase of a colocated GRPO step, for one candidate layout.
+"""Bytes on each GPU in each phase of a colocated GRPO run, for one candidate layout.
 
 Layer L0 (pure). Parameter counts come in measured (megatron_r1.plan.params); this module
 turns them into bytes per pipeline stage (every rank of a stage holds the same: TP shards
-and EP ranks are equal by construction) for the three phases a colocated step goes through.
-What leaves the GPU is exactly what the config switches on, and nothing the trainer does not
-build (tests/test_plan.py ties each assumption to its field):
+and EP ranks are equal by construction) for the phases a colocated run goes through. What
+leaves the GPU is exactly what the config switches on, and nothing the trainer does not build
+(tests/test_plan.py ties each assumption to its field):
 
-- train: policy weights, fp32 gradient buffers (megatron DDP with grad_reduce_in_fp32),
-  optimizer states (fp32 master weights for 16-bit models + Adam moments), sharded over the
-  data-parallel ranks (dense part: DP x CP; routed experts: expert-DP) by the distributed
-  optimizer; activations of the in-flight micro-batches; the reference model's weights unless
-  grpo.offload_reference keeps them on the host; the rollout engine sleeps
-  (rollout.sleep_level: its weights on the host, or dropped).
-- logprob: old/reference log-probs without gradients: weights, the reference copy, one
-  micro-batch's forward, plus gradients and optimizer states unless
+- startup: the engines start (grpo_trainer.open_stage) after what the config offloads has left
+  the GPU, beside the policy's weights and whatever is not offloaded; vLLM refuses to start
+  unless gpu_memory_utilization x the GPU is free then (vllm/v1/worker/utils.py, around line
+  761), and takes that much. No forward has run yet: no FP8 weight cache.
+- train: policy weights, Transformer Engine's FP8 weight cache (model.fp8: an FP8 copy of
+  every linear weight, kept across micro-batches and steps), fp32 gradient buffers (megatron
+  DDP with grad_reduce_in_fp32), optimizer states (fp32 master weights for 16-bit models +
+  Adam moments), sharded over the data-parallel ranks (dense part: DP x CP; routed experts:
+  expert-DP) by the distributed optimizer; activations of the in-flight micro-batches; the
+  reference model's weights unless grpo.offload_reference keeps them on the host; the
+  rollout engine sleeps (rollout.sleep_level: its weights on the host, or dropped).
+- logprob: old/reference log-probs without gradients: weights, FP8 cache, the reference copy,
+  one micro-batch's forward, plus gradients and optimizer states unless
   rollout.offload_train_state moved them off the GPU after the previous rollout's last step.
+- reward (reward.models, R1 stage 4): the engine asleep, each reward model on the GPU in turn
+  for its forward (reward_serving.py), beside what the logprob phase keeps besides the
+  reference model's pass.
 - rollout: the engine is awake and takes `gpu_memory_utilization` of the GPU for its weights
-  (at the inference TP, FP8 where the policy trains in FP8), its KV cache and workspace; the
-  trainer keeps its weights, plus gradients and optimizer states unless
-  rollout.offload_train_state, plus the reference model unless grpo.offload_reference.
+  (at the inference TP, in the dtype the engine loads: the policy's, since the export writes no
+  quantized weights), its KV cache and workspace; the trainer keeps its weights and FP8 cache,
+  plus gradients and optimizer states unless rollout.offload_train_state, plus the reference
+  model unless grpo.offload_reference.
 
-Host memory holds what is offloaded: the optimizer states (gradient buffers are freed, not
-copied: they are zeroed before the next step anyway), the reference model, and the sleeping
-engine's weights at sleep_level 1. A fixed reserve per GPU covers the CUDA context, NCCL
-communicators and allocator slack.
+Host memory: every offload buffer is allocated once (pinned) and held for the whole run
+(offload.StorageOffload), so the host holds their sum, not the largest: the optimizer states
+(gradient buffers are freed, not copied: they are zeroed before the next step anyway), the
+reference model, every reward model, and the sleeping engine's weights at sleep_level 1.
+A fixed reserve per GPU covers the CUDA context, NCCL communicators and allocator slack.
 """
 
 from __future__ import annotations
@@ -115,6 +125,10 @@ class PlanOptions:
     """Bytes/s one GPU receives over NVLink from its node (weight sync)."""
     infiniband_bandwidth: float = INFINIBAND_BYTES_PER_S
     """Bytes/s one GPU receives over InfiniBand from other nodes (weight sync)."""
+    reward_architectures: tuple[tuple[str, ModelConfig], ...] = ()
+    """(reward.models name, architecture) of reward models whose checkpoint records one
+    (megatron_r1.plan.command reads them); any other reward model is priced as the policy's
+    architecture (R1's reward models are the policy's backbone)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,14 +148,23 @@ class StageMemory:
     logprob: float
     rollout: float
     rollout_residual: float
-    """What the trainer keeps on the GPU while the engine is awake (weights, reserve, and
-    whatever the config does not offload)."""
+    """What the trainer keeps on the GPU while the engine is awake (weights, FP8 cache,
+    reserve, and whatever the config does not offload)."""
     host: float
-    """Host bytes this GPU's offloaded state takes at the peak."""
+    """Host bytes this GPU's offloaded state takes (every buffer held for the whole run)."""
+    startup: float = 0.0
+    """The engine starting: what the trainer keeps then plus gpu_memory_utilization x GPU."""
+    startup_residual: float = 0.0
+    """What the trainer keeps on the GPU when the engine starts (weights, reserve, what the
+    config does not offload; no FP8 cache yet)."""
+    reward_models: float = 0.0
+    """Weights of every reward model of this stage (host memory between uses)."""
+    reward: float = 0.0
+    """Scoring with the reward models (0 without reward.models)."""
 
     @property
     def peak(self) -> float:
-        return max(self.train, self.logprob, self.rollout)
+        return max(self.train, self.logprob, self.rollout, self.startup, self.reward)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,11 +283,19 @@ def plan_layout(cfg: Config, c: Candidate, options: PlanOptions, counts_fn: Coun
     uses_ref = cfg.grpo.kl_coef > 0
     offload_train = cfg.rollout.offload_train_state
     offload_ref = cfg.grpo.offload_reference
+    problems: list[str] = []
+    reward_stages = _reward_model_stages(cfg, c, options, counts_fn, shape, problems)
+    # vLLM takes its whole gpu_memory_utilization share at start-up and when it wakes (the KV
+    # cache fills the rest of it)
+    engine_start = cfg.rollout.gpu_memory_utilization * options.gpu_memory
+    engine = max(engine_start, rollout.weights + rollout.kv_needed + options.rollout_overhead)
 
     stages = []
     for stage, layers in enumerate(stage_layers(model.num_layers, c)):
         params = counts.stage(layers, first=stage == 0, last=stage == c.pipeline - 1)
         weights = params.total * w_bytes
+        # Transformer Engine keeps an FP8 copy of every linear weight once a forward has run
+        # (reused across micro-batches and steps): in every phase after the first forward
         fp8_cache = params.low_precision * 2.0 if model.fp8 != "none" else 0.0
         grads = params.total * GRAD_BYTES
         optimizer = opt_bytes * (params.dense / shard_dense + params.expert / shard_expert)
@@ -275,20 +306,26 @@ def plan_layout(cfg: Config, c: Candidate, options: PlanOptions, counts_fn: Coun
         train_resident = 0.0 if offload_train else grads + optimizer  # outside training
         train = weights + fp8_cache + grads + optimizer + train_act + ref_resident
         logprob = weights + fp8_cache + reference + forward_act + train_resident
-        # vLLM takes its whole gpu_memory_utilization share when it wakes (KV fills the rest)
-        engine = max(cfg.rollout.gpu_memory_utilization * options.gpu_memory,
-                     rollout.weights + rollout.kv_needed + options.rollout_overhead)
-        residual = weights + ref_resident + train_resident + options.reserve
+        residual = weights + fp8_cache + ref_resident + train_resident + options.reserve
+        startup_residual = weights + ref_resident + train_resident + options.reserve
+        rm_weights = sum(w for w, _ in reward_stages[stage]) if reward_stages else 0.0
+        reward = 0.0
+        if reward_stages:  # one reward model on the GPU at a time, the engine asleep
+            reward = weights + fp8_cache + ref_resident + train_resident + options.reserve + \
+                max(w + act for w, act in reward_stages[stage])
         ref_host = reference if offload_ref else 0.0
         optimizer_host = optimizer if offload_train else 0.0
         engine_host = rollout.weights if cfg.rollout.sleep_level == 1 else 0.0
-        host = max(optimizer_host, engine_host) + ref_host
+        # pinned buffers held for the whole run: their sum (offload.StorageOffload keeps its
+        # host copies; vLLM holds the sleeping weights while the trainer holds the rest)
+        host = optimizer_host + engine_host + ref_host + rm_weights
         stages.append(StageMemory(
             stage=stage, layers=layers, params=params, weights=weights,
             fp8_weight_cache=fp8_cache, grads=grads, optimizer=optimizer,
             activations=train_act, reference=reference, train=train + options.reserve,
             logprob=logprob + options.reserve, rollout=residual + engine,
-            rollout_residual=residual, host=host))
+            rollout_residual=residual, host=host, startup=startup_residual + engine_start,
+            startup_residual=startup_residual, reward_models=rm_weights, reward=reward))
     plan = Plan(candidate=c, data=dp, expert_data=edp, num_microbatches=microbatches,
                 micro_batch_size=rows, seq_length=cfg.data.seq_length,
                 stages=stages, rollout=rollout, options=options,
@@ -296,9 +333,44 @@ def plan_layout(cfg: Config, c: Candidate, options: PlanOptions, counts_fn: Coun
                     ("optimizer states and gradients (rollout.offload_train_state)",
                      offload_train),
                     ("reference model (grpo.offload_reference)", offload_ref and uses_ref),
-                ) if on))
+                    ("reward models (always, between their uses)", bool(reward_stages)),
+                ) if on), problems=problems)
     _check(plan, cfg)
     return plan
+
+
+def _reward_model_stages(cfg: Config, c: Candidate, options: PlanOptions, counts_fn: CountsFn,
+                         policy_shape: MicroBatchShape, problems: list[str]
+                         ) -> list[list[tuple[float, float]]]:
+    """Per pipeline stage, (weights, forward working set) of every reward.models entry in
+    the trainer's layout (reward_serving.py: the policy's parallel layout, its own
+    architecture): the backbone's layers, embedding and final norm, and a scalar head instead
+    of the LM head (model/reward_head.py); the working set of one micro-batch of
+    train.micro_batch_size rows of at most data.seq_length ids (its max_length is no longer),
+    with no vocabulary logits. Empty without reward models; an architecture the layout cannot
+    split adds a problem."""
+    if not cfg.reward.models:
+        return []
+    known = dict(options.reward_architectures)
+    per_stage: list[list[tuple[float, float]]] = [[] for _ in range(c.pipeline)]
+    for spec in cfg.reward.models:
+        rm = known.get(spec.name, cfg.model)
+        try:
+            counts = counts_fn(rm, c.tensor, c.expert, c.expert_tensor)
+            split = stage_layers(rm.num_layers, c)
+        except ValueError as err:
+            problems.append(f"reward model {spec.name!r}: {err}")
+            continue
+        shape = replace(policy_shape, act_bytes=_dtype_bytes(rm.params_dtype))
+        for stage, layers in enumerate(split):
+            last = stage == c.pipeline - 1
+            part = counts.stage(layers, first=stage == 0, last=False)
+            if last:  # final norm and the scalar head (hidden_size weights) for the LM head
+                part = part + counts.final_norm + PartCount(dense=rm.hidden_size)
+            kinds = {counts.layer_kinds[i] == "moe" for i in layers}
+            working = max((layer_bytes(rm, shape, moe, "none") for moe in kinds), default=0.0)
+            per_stage[stage].append((part.total * _dtype_bytes(rm.params_dtype), working))
+    return per_stage if all(per_stage) else []
 
 
 def engine_weight_bytes(part: PartCount, dtype: WeightsDtype) -> float:
@@ -361,11 +433,18 @@ def _check(plan: Plan, cfg: Config) -> None:
     o, r, c = plan.options, plan.rollout, plan.candidate
     mem = o.gpu_memory
     for s in plan.stages:
-        for phase in ("train", "logprob"):
+        for phase in ("train", "logprob", "reward"):
             need = getattr(s, phase)
             if need > mem:
                 plan.problems.append(f"stage {s.stage}: {phase} phase needs {_gb(need)} > "
                                      f"{_gb(mem)}")
+    worst_start = max(s.startup_residual for s in plan.stages)
+    if worst_start + cfg.rollout.gpu_memory_utilization * mem > mem:
+        plan.problems.append(
+            f"startup: the trainer keeps {_gb(worst_start)} when the engine starts, and vLLM "
+            f"starts only with gpu_memory_utilization={cfg.rollout.gpu_memory_utilization} x "
+            f"{_gb(mem)} free; lower rollout.gpu_memory_utilization to "
+            f"{(mem - worst_start) / mem:.2f} or less")
     if r.kv_needed > r.kv_budget:
         plan.problems.append(
             f"rollout: KV for {r.concurrency} x {r.seq_length} tokens needs {_gb(r.kv_needed)}, "
@@ -374,8 +453,8 @@ def _check(plan: Plan, cfg: Config) -> None:
     worst_residual = max(s.rollout_residual for s in plan.stages)
     if worst_residual + cfg.rollout.gpu_memory_utilization * mem > mem:
         plan.problems.append(
-            f"rollout: the trainer keeps {_gb(worst_residual)} (weights, reserve and what is "
-            "not offloaded) while the "
+            f"rollout: the trainer keeps {_gb(worst_residual)} (weights, FP8 cache, reserve "
+            "and what is not offloaded) while the "
             f"engine may take gpu_memory_utilization={cfg.rollout.gpu_memory_utilization} x "
             f"{_gb(mem)}; lower rollout.gpu_memory_utilization to "
             f"{(mem - worst_residual) / mem:.2f} or less")

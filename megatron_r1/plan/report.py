@@ -59,18 +59,22 @@ def format_plan(plan: Plan, title: str) -> str:
              "trainer, per GPU of each pipeline stage (GB; every TP/CP/EP/DP rank of a stage "
              "holds the same)",
              f"{'stage':>5} {'layers':>7} {'params dense+expert':>22} {'weights':>8} "
-             f"{'grads':>6} {'optim':>6} {'activ':>6} {'ref':>5} | {'train':>6} "
-             f"{'logprob':>7} {'rollout':>7} | {'peak':>6}"]
+             f"{'grads':>6} {'optim':>6} {'activ':>6} {'ref':>5} | {'startup':>7} "
+             f"{'train':>6} {'logprob':>7} {'reward':>6} {'rollout':>7} | {'peak':>6}"]
     for s in plan.stages:
         params = f"{_billions(s.params.dense)}+{_billions(s.params.expert)}"
+        reward = gb(s.reward) if s.reward else "-"
         lines.append(
             f"{s.stage:>5} {_layers(s.layers):>7} {params:>22} "
             f"{gb(s.weights + s.fp8_weight_cache):>8} {gb(s.grads):>6} {gb(s.optimizer):>6} "
-            f"{gb(s.activations):>6} {gb(s.reference):>5} | {gb(s.train):>6} "
-            f"{gb(s.logprob):>7} {gb(s.rollout):>7} | {gb(s.peak):>6}")
+            f"{gb(s.activations):>6} {gb(s.reference):>5} | {gb(s.startup):>7} "
+            f"{gb(s.train):>6} {gb(s.logprob):>7} {reward:>6} {gb(s.rollout):>7} | "
+            f"{gb(s.peak):>6}")
     lines += [
         f"  phases include the {gb(o.reserve)} GB reserve; weights include the FP8 weight "
-        "cache when model.fp8 is set; ref = reference model; offloaded between phases: "
+        "cache when model.fp8 is set (every phase after the first forward: all but startup); "
+        "ref = reference model; startup = the engine starting beside the trainer; reward = "
+        "scoring with reward.models; offloaded between phases: "
         + (", ".join(plan.offloaded) or "nothing (rollout.offload_train_state and "
                                          "grpo.offload_reference are off)"),
         f"  activations: micro-batches of {plan.micro_batch_size} x {plan.seq_length} tokens, "
@@ -89,11 +93,19 @@ def format_plan(plan: Plan, title: str) -> str:
         f"{gb(max(r.kv_budget, 0))} GB the engine has left; holds {r.full_length_capacity} "
         f"sequences at full length ({r.engines * r.full_length_capacity} in all engines)",
         f"  the trainer leaves room for rollout.gpu_memory_utilization up to "
-        f"{(o.gpu_memory - max(s.rollout_residual for s in plan.stages)) / o.gpu_memory:.2f}",
-        f"host memory per node (offloaded state): "
+        f"{(o.gpu_memory - max(s.rollout_residual for s in plan.stages)) / o.gpu_memory:.2f}"
+        f" (at start-up {(o.gpu_memory - max(s.startup_residual for s in plan.stages)) / o.gpu_memory:.2f})",
+        f"host memory per node (offloaded state, pinned for the whole run): "
         f"{gb(max(s.host for s in plan.stages) * o.gpus_per_node)} GB of {gb(o.host_memory)} GB",
         "",
     ]
+    if any(s.reward_models for s in plan.stages):
+        named = {name for name, _ in o.reward_architectures}
+        lines.insert(-1, f"reward models: {gb(max(s.reward_models for s in plan.stages))} GB "
+                     "per GPU in host memory, one at a time on the GPU while scoring; "
+                     + ("priced as the policy's architecture unless given"
+                        if not named else f"architectures given for {sorted(named)}, others "
+                                          "priced as the policy's"))
     if plan.fits:
         lines.append(f"FITS: peak {gb(plan.peak)} GB of {gb(o.gpu_memory)} GB "
                      f"(headroom {gb(plan.headroom)} GB)")
@@ -190,7 +202,9 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                     "weights": s.weights, "fp8_weight_cache": s.fp8_weight_cache,
                     "grads": s.grads, "optimizer": s.optimizer, "activations": s.activations,
                     "reference": s.reference, "train": s.train, "logprob": s.logprob,
-                    "rollout": s.rollout, "host": s.host, "peak": s.peak}
+                    "rollout": s.rollout, "startup": s.startup, "reward": s.reward,
+                    "reward_models": s.reward_models, "rollout_residual": s.rollout_residual,
+                    "startup_residual": s.startup_residual, "host": s.host, "peak": s.peak}
                    for s in plan.stages],
         "rollout": {"tensor": plan.rollout.tensor, "engines": plan.rollout.engines,
                     "weights": plan.rollout.weights,

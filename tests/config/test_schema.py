@@ -1,5 +1,7 @@
 """Range and cross-field validation of each config section, with the message asserted."""
 
+from pathlib import Path
+
 import pytest
 
 from megatron_r1.config import load_config
@@ -46,3 +48,18 @@ from megatron_r1.config import load_config
 def test_invalid_values_fail_with_the_key_and_value(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, overrides)
+
+
+def test_mla_refuses_grouped_query_heads_even_from_a_merged_base(tmp_path):
+    """A GQA base config merged into an MLA one used to crash deep in megatron's attention
+    with a shape error; the config names the field instead (and how to unset it)."""
+    with pytest.raises(ValueError, match=r"model.num_query_groups=2: must be unset \(null\) "
+                                         r"with model.multi_latent_attention=true"):
+        load_config("configs/tiny_dsv3_cpu.yaml", ["model.num_query_groups=2"])
+    (tmp_path / "gqa.yaml").write_text("model:\n  num_query_groups: 2\n")
+    (tmp_path / "mla.yaml").write_text(
+        f"base: [gqa.yaml, {Path('configs/tiny_dsv3_cpu.yaml').resolve()}]\n")
+    with pytest.raises(ValueError, match=r"model.num_query_groups=2: must be unset"):
+        load_config(tmp_path / "mla.yaml")
+    (tmp_path / "fixed.yaml").write_text("base: mla.yaml\nmodel:\n  num_query_groups: null\n")
+    assert load_config(tmp_path / "fixed.yaml").model.num_query_groups is None

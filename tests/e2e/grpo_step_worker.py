@@ -3,7 +3,9 @@
 The rollout (tokens, completion lengths, advantages, old and reference log-probs) is drawn
 from a fixed seed, so every layout, micro-batch split, token budget and packing trains on the
 same numbers; prints the step's loss, KL, grad norm and the padding fraction as JSON (rank
-0), and, with SCORE=1 in the environment, every row's log-probs under the initial weights."""
+0), whether start_session drew random numbers (it must not: the checkpoint supplies every
+weight), and, with SCORE=1 in the environment, every row's log-probs under the initial
+weights."""
 
 import json
 import os
@@ -39,15 +41,29 @@ def synthetic_rollout(seq_length):
     return rollout, adv, old, ref
 
 
+def drew_random_numbers(seed):
+    """Whether the global generator moved since init_parallel seeded it, i.e. whether
+    start_session drew random weights (the generator is left as it was)."""
+    now = torch.get_rng_state()
+    torch.manual_seed(seed)
+    seeded = torch.get_rng_state()
+    torch.set_rng_state(now)
+    return not torch.equal(now, seeded)
+
+
 if __name__ == "__main__":
     cfg = load_config(None, sys.argv[1:])
     session = start_session(cfg)
+    # checkpoint.load_dir supplies every weight (weights only: no RNG state restored), so the
+    # policy is built without a random draw (session.py)
+    drew = drew_random_numbers(cfg.train.seed)
     rollout, adv, old, ref = synthetic_rollout(cfg.data.seq_length)
     ctx = session.ctx
     how = micro_batching(cfg, ctx.layout)
     plans = plan_microbatches(range(ROWS), rollout.length_R.tolist(), ctx.layout.data, how)
     result = {"padding_fraction": padding_fraction(plans, dict(enumerate(
-        rollout.length_R.tolist()))), "microbatches": len(plans[ctx.dp_rank])}
+        rollout.length_R.tolist()))), "microbatches": len(plans[ctx.dp_rank]),
+        "drew_random_weights": drew}
     if os.environ.get("SCORE"):
         scores = collect_on_rank0(score_rows(session.model, rollout, plans[ctx.dp_rank],
                                              session, 1.0), session)

@@ -2,7 +2,8 @@
 corrupted tensor in the sync trips the check. Prints a RESULT line (rank 0).
 
 Usage: sync_gate_worker.py CONFIG.yaml [section.key=value ...]
-Environment: SYNC_GATE_CORRUPT_RANKS (comma list): corrupt only those engine leaders' tensors."""
+Environment: SYNC_GATE_CORRUPT_RANKS (comma list): corrupt only those engine leaders' tensors;
+SYNC_GATE_TRAINING=1: open the stage for training (reference model, offloads)."""
 
 import json
 import os
@@ -32,10 +33,34 @@ def trainer_greedy(model, prompt, steps):
     return ids[len(prompt):]
 
 
+def device_state(stage):
+    """What of the training state still holds storage (read right after open_stage, i.e.
+    after the engine started and before any sync): gradient buffers, optimizer tensors
+    beside the weights, the reference model."""
+    from megatron_r1.logprobs import REF_MODEL
+    from megatron_r1.offload import optimizer_tensors
+
+    model = stage.session.model
+    weights = {p.untyped_storage().data_ptr() for c in model for p in c.parameters()}
+    ref = stage.session.extra_models.get(REF_MODEL, [])
+    return {
+        "grad_bytes": sum(b.grad_data.untyped_storage().nbytes() for c in model
+                          for b in [*c.buffers, *c.expert_parallel_buffers]),
+        "optimizer_bytes": sum(t.untyped_storage().nbytes()
+                               for t in optimizer_tensors(stage.session.optimizer)
+                               if t.untyped_storage().data_ptr() not in weights),
+        "reference_bytes": sum(p.untyped_storage().nbytes() for c in ref for p in c.parameters()),
+        "reference_params": sum(p.numel() for c in ref for p in c.parameters()),
+    }
+
+
 if __name__ == "__main__":
-    stage = open_stage(load_config(sys.argv[1], sys.argv[2:]), training=False)
+    # SYNC_GATE_TRAINING=1: the GRPO stage as training opens it (reference model, offloads)
+    training = os.environ.get("SYNC_GATE_TRAINING") == "1"
+    stage = open_stage(load_config(sys.argv[1], sys.argv[2:]), training=training)
     try:
-        report = {"first_sync": sync_weights(stage)["sync/max_logp_diff"]}
+        report = {"at_engine_start": device_state(stage)}
+        report["first_sync"] = sync_weights(stage)["sync/max_logp_diff"]
         if stage.engine is not None:
             prompt = list(stage.eval_prompts[0].prompt_ids)
             engine = stage.engine.generate([prompt], SamplingConfig(

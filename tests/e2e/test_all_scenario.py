@@ -67,6 +67,8 @@ def test_rule_and_model_rewards_score_their_own_kinds(tmp_path, sft_checkpoint,
     n = store["tokens"].shape[0]
     prompt_len, completion_len = store["prompt_len"][:], store["completion_len"][:]
     checked, pairs, stored = 0, [], []
+    read: dict[int, list[float]] = {}  # per rollout: the model's scores of rows it read
+    fallback: list[tuple[int, float]] = []  # (rollout, score) of rows without a summary
     for i in range(n):
         # the row's ids: its inputs' first id, then its labels (inputs are ids[:-1])
         end = prompt_len[i] + completion_len[i]
@@ -90,13 +92,21 @@ def test_rule_and_model_rewards_score_their_own_kinds(tmp_path, sft_checkpoint,
             assert acc == 0.0 and lang == 0.0
             assert total == pytest.approx(fmt + helpful, abs=1e-5)
             summary = summary_text(completion)
+            rollout = int(store["rollout"][i])
             if summary is None and plain:
-                assert helpful == 0.0
-            elif summary is not None and plain and len(pairs) < 12:
-                pairs.append([question, summary])
-                stored.append(helpful)
+                fallback.append((rollout, helpful))
+            elif summary is not None and plain:
+                read.setdefault(rollout, []).append(helpful)
+                if len(pairs) < 12:
+                    pairs.append([question, summary])
+                    stored.append(helpful)
         checked += 1
     assert checked == n == 8 * 32 and len(pairs) == 12
+    # a row without a summary scores the rollout's lowest read score minus the model's
+    # fallback_margin (1.0), never the 0 that out-scored negative logits
+    for rollout, helpful in fallback:
+        lowest = min(read.get(rollout, [0.0]))
+        assert helpful == pytest.approx(lowest - 1.0, abs=1e-5), (rollout, read.get(rollout))
 
     # the stored scores are the reward model's, recomputed the plain way at world size 1
     out = tmp_path / "scores.json"

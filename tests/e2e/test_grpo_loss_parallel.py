@@ -48,6 +48,9 @@ def test_loss_and_gradient_independent_of_split_and_dp(tmp_path, initial, aggreg
             ("tp2", 2, ["train.micro_batch_size=8", "parallel.tensor=2"])):
         assert_same_step(grpo_step(tmp_path / name, initial, nproc, mode, *overrides), base)
     assert base["grad_norm"] > 0 and base["kl"] > 0
+    # started from a checkpoint: the policy was built without drawing random weights it would
+    # throw away (issue 21; the step still equals the others, so every weight was loaded)
+    assert base["drew_random_weights"] is False
 
 
 @pytest.fixture(scope="module")

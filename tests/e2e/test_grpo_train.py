@@ -64,12 +64,20 @@ def test_grpo_trains_logs_and_resumes_exactly(tmp_path, sft_checkpoint):
 
 
 def test_sync_check_passes_then_trips_on_a_corrupted_tensor(tmp_path, sft_checkpoint):
+    """Opened as training opens it, with the train state and the reference model offloaded:
+    both have left the device before the engine starts (vLLM refuses to start without
+    gpu_memory_utilization x the GPU free), and the first sync runs beside the weights alone."""
     proc = run_script(REPO / "tests/e2e/sync_gate_worker.py", [
         "configs/demo_sft.yaml", f"logging.run_dir={tmp_path}",
         f"checkpoint.load_dir={sft_checkpoint}", "checkpoint.load_optimizer=false",
-        "data.num_eval_samples=16"], timeout=600)
+        "data.num_eval_samples=16", "rollout.offload_train_state=true",
+        "grpo.offload_reference=true", "grpo.kl_coef=0.001"], timeout=600,
+        env={"SYNC_GATE_TRAINING": "1"})
     report = json.loads(next(x for x in proc.stdout.splitlines()
                              if x.startswith("RESULT "))[len("RESULT "):])
+    start = report["at_engine_start"]
+    assert start["reference_params"] > 0 and start["reference_bytes"] == 0
+    assert start["grad_bytes"] == 0 and start["optimizer_bytes"] == 0
     assert report["first_sync"] < 1e-3
     assert report["greedy_equal"]
     assert report["tripped"], report

@@ -434,3 +434,24 @@ def test_cuda_matches_cpu_kernel() -> None:
     # bfloat16 gradients may round to neighbouring values: one ulp (2^-8 relative)
     torch.testing.assert_close(cuda_x.grad.cpu().float(), cpu_x.grad.float(), rtol=2**-7,
                                atol=1e-6 * cpu_x.grad.float().abs().max().item())
+
+
+def test_auto_means_the_pytorch_path_on_cuda_until_the_kernel_passes_the_gpu_checks(
+        monkeypatch) -> None:
+    """Even where the CUDA kernels are built, `auto` does not pick them (they have never run
+    on a GPU); it says once how to opt in. `on` still selects them; CPU keeps its kernel."""
+    from megatron_r1.ops.grpo_loss import uses_kernels
+
+    monkeypatch.setattr(_extension, "_has_cuda", True)  # as if built with a CUDA toolkit
+    monkeypatch.setattr(_extension, "_warned", set())
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match=r"PyTorch reference on CUDA: the CUDA kernel has "
+                                            r"not passed the GPU checks .* grpo.fused_loss=on"):
+        assert not uses_kernels("auto", torch.bfloat16, cuda)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        assert not uses_kernels("auto", torch.bfloat16, cuda)
+    if _extension.load() is not None:  # the extension is built here (make install)
+        assert uses_kernels("on", torch.bfloat16, cuda)
+        assert uses_kernels("auto", torch.float32, torch.device("cpu"))
+    assert not uses_kernels("off", torch.bfloat16, cuda)

@@ -3,13 +3,18 @@
 A tiny Qwen3-MoE (random weights, the project's tokenizer) is the model. Checked: sampled
 log-probs and scores equal transformers' log-probs; greedy decoding equals transformers';
 after update_weights the engine computes with the new weights, and vLLM's own in-place reload
-without our MoE repack (vllm_compat.py) does not (the fix is still needed).
+without our MoE repack (vllm_compat.py) does not (the fix is still needed). Sleep and wake
+run through vLLM's own engine-core state handling (its CPU workers only skip the memory
+moves): the sync's order leaves the engine fully awake, a partial wake keeps vLLM's scheduler
+paused, and the engine refuses to queue work there instead of hanging.
 
 Tolerance: 1e-4 nats. Both sides run fp32 on the CPU with different kernels (oneDNN vs ATen
 matmuls, fused MoE vs a loop over experts): measured differences are ~1e-6.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -54,9 +59,13 @@ def setup(tmp_path_factory):
     build_arithmetic_tokenizer(root / "model", 512)
     model = tiny_model(0)
     model.save_pretrained(root / "model")
+    from vllm import LLM  # noqa: F401  (importing vLLM edits the environment by itself)
+
+    before = dict(os.environ)
     engine = VLLMEngine(root / "model", RolloutConfig(), max_model_len=128, seed=0,
-                        dtype=torch.float32)
-    yield engine, model, root
+                        dtype=torch.float32, env={"MEGATRON_R1_TEST_ENGINE_ONLY": "1"})
+    after = dict(os.environ)
+    yield engine, model, root, (before, after)
     engine.close()
 
 
@@ -64,7 +73,7 @@ PROMPTS = [[1, 40, 41, 42, 43], [1, 7, 8, 9]]
 
 
 def test_sampled_logprobs_are_the_models(setup):
-    engine, model, _ = setup
+    engine, model, *_ = setup
     groups = engine.generate(PROMPTS, SamplingConfig(n=3, temperature=1.0, top_p=1.0,
                                                      max_new_tokens=12, seed=5))
     assert [len(g) for g in groups] == [3, 3]
@@ -77,7 +86,7 @@ def test_sampled_logprobs_are_the_models(setup):
 def test_each_request_has_its_own_seed(setup):
     """A prompt's samples depend on (seed, its index in the whole call, sample index) only:
     the same when another engine takes the other prompts, different per sample."""
-    engine, _, _ = setup
+    engine, *_ = setup
     sampling = SamplingConfig(n=2, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=9)
     together = engine.generate(PROMPTS, sampling)
     alone = engine.generate(PROMPTS[1:], sampling, prompt_indices=[1])
@@ -88,7 +97,7 @@ def test_each_request_has_its_own_seed(setup):
 
 
 def test_greedy_decoding_and_scores_match_transformers(setup):
-    engine, model, _ = setup
+    engine, model, *_ = setup
     greedy = engine.generate(PROMPTS[:1], SamplingConfig(n=1, temperature=0.0, top_p=1.0,
                                                          max_new_tokens=10))[0][0]
     with torch.no_grad():
@@ -101,7 +110,7 @@ def test_greedy_decoding_and_scores_match_transformers(setup):
 
 
 def test_update_weights_in_buckets_and_vllms_own_reload_needs_the_moe_fix(setup, tmp_path):
-    engine, _, _ = setup
+    engine, *_ = setup
     new = tiny_model(1)
     seq = [1, *range(60, 110)]
     state = list(new.state_dict().items())
@@ -141,3 +150,46 @@ def test_an_idle_engine_stops_spinning_and_its_core_runs_in_this_process(setup):
     before = engine_cpu_s()
     time.sleep(1.0)  # the trainer's turn
     assert engine_cpu_s() - before < 0.2
+
+
+def test_sleep_update_and_gate_in_vllms_own_order(setup):
+    """The first sync after training: the engine sleeps (vLLM pauses its scheduler and marks
+    weights and KV cache asleep, v1/engine/core.py `sleep`); update_weights wakes the weights,
+    loads, then wakes the KV cache, so vLLM resumes scheduling (core.py around lines
+    1014-1018) and the gate's scores come back right. Waking only the weights (the order
+    before this fix) leaves vLLM paused: the request would wait forever, so the engine
+    refuses it by name."""
+    engine, *_ = setup
+    vllm_engine = engine._llm.llm_engine
+    engine.sleep()
+    assert engine.asleep == {"weights", "kv_cache"} and vllm_engine.is_sleeping()
+    with pytest.raises(RuntimeError, match=r"score on a sleeping engine .* wake_up\(\) first"):
+        engine.score([[1, 2, 3]])
+    new = tiny_model(3)
+    state = list(new.state_dict().items())
+    engine.update_weights([state[i:i + 7] for i in range(0, len(state), 7)])
+    assert engine.asleep == frozenset() and not vllm_engine.is_sleeping()
+    seq = [1, *range(20, 70)]
+    torch.testing.assert_close(engine.score([seq])[0], hf_logprobs(new, seq), atol=ATOL, rtol=0)
+
+    # vLLM 0.32's partial wake, as the old update_weights left it: still paused
+    engine.sleep()
+    assert engine._llm.wake_up(tags=["weights"]) is False and vllm_engine.is_sleeping()
+    engine._asleep.discard("weights")
+    with pytest.raises(RuntimeError, match=r"generate on a sleeping engine \(asleep: "
+                                           r"\['kv_cache'\]\)"):
+        engine.generate([[1, 5]], SamplingConfig(n=1, temperature=1.0, top_p=1.0,
+                                                 max_new_tokens=2))
+    engine.wake_up()
+    assert engine.asleep == frozenset() and not vllm_engine.is_sleeping()
+    assert len(engine.generate([[1, 5]], SamplingConfig(n=1, temperature=0.0, top_p=1.0,
+                                                        max_new_tokens=2))[0]) == 1
+
+
+def test_the_leader_keeps_its_own_environment_after_starting_the_engine(setup):
+    """The engine's processes get `env` (on GPUs its CUDA_VISIBLE_DEVICES); the leader's own
+    environment, which its reward workers and checkpoint writers inherit, is left as it was,
+    also where vLLM's CPU platform wrote LOCAL_WORLD_SIZE and LD_PRELOAD into it."""
+    *_, (before, after) = setup
+    assert "MEGATRON_R1_TEST_ENGINE_ONLY" not in after
+    assert after == before
