@@ -136,7 +136,7 @@ def test_an_idle_engine_stops_spinning_and_its_core_runs_in_this_process(setup):
 
     import psutil
 
-    engine, _, _ = setup
+    engine, *_ = setup
     me = psutil.Process()
     children = [p for p in me.children(recursive=True) if "resource_tracker" not in
                 " ".join(p.cmdline())]
@@ -193,3 +193,34 @@ def test_the_leader_keeps_its_own_environment_after_starting_the_engine(setup):
     *_, (before, after) = setup
     assert "MEGATRON_R1_TEST_ENGINE_ONLY" not in after
     assert after == before
+
+
+def test_completion_texts_are_the_ones_vllm_would_detokenise(setup):
+    """generate asks vLLM for no text (its per-step detokenisation is a third of a CPU
+    generate) and decodes each completion once (VLLMEngine._texts): the texts must be vLLM's
+    own, also where a request ends on a stop id that vLLM leaves out of the text."""
+    from vllm import SamplingParams
+
+    from megatron_r1.rollout.placement import request_seed
+
+    engine, *_ = setup
+    sampling = SamplingConfig(n=3, temperature=1.0, top_p=1.0, max_new_tokens=16, seed=21)
+    ours = engine.generate(PROMPTS, sampling)
+
+    def vllm_run(stop_ids=None):
+        params = [SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=16, logprobs=0,
+                                 seed=request_seed(21, i, j), stop_token_ids=stop_ids)
+                  for i in range(len(PROMPTS)) for j in range(3)]
+        requests = [{"prompt_token_ids": p} for p in PROMPTS for _ in range(3)]
+        return requests, [o.outputs[0] for o in engine._llm.generate(requests, params,
+                                                                       use_tqdm=False)]
+
+    _, theirs = vllm_run()
+    assert [list(c.token_ids) for g in ours for c in g] == [list(c.token_ids) for c in theirs]
+    assert [c.text for g in ours for c in g] == [c.text for c in theirs]
+    assert any(c.text for c in theirs)
+    # stop on ids the completions sample early: those end with finish_reason "stop"
+    requests, stopped = vllm_run(stop_ids=sorted({c.token_ids[3] for c in theirs}))
+    assert any(c.finish_reason == "stop" for c in stopped)
+    texts = engine._texts([r["prompt_token_ids"] for r in requests], stopped)
+    assert texts == [c.text for c in stopped]
