@@ -76,9 +76,11 @@ def check_engines(session: Session, engine: RolloutEngine | None, placement: Pla
         return {}
     ctx = session.ctx
     rollout = probe_rollout(probes, session.cfg.data.seq_length)
-    # one probe per micro-batch on every data-parallel rank: a plan like any other
+    # every probe in one micro-batch (padded to the longest: causal, so the padding changes
+    # no probe's log-probs), the same on every data-parallel rank: one forward per sync
+    # instead of one per probe
     plans = plan_microbatches(range(len(probes)), rollout.length_R.tolist(), 1,
-                              MicroBatching(1, multiple_of=how.multiple_of,
+                              MicroBatching(len(probes), multiple_of=how.multiple_of,
                                             uniform=how.uniform))[0]
     trainer = [collect_on_rank0(score_rows(session.model, rollout, plans, session, 1.0),
                                 session)]

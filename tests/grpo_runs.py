@@ -5,7 +5,9 @@ Imported by tests as `grpo_runs` (tests/ is on pytest's pythonpath)."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 from procs import read_rows, run_module
@@ -32,6 +34,28 @@ def grpo(run_dir, checkpoint, *extra, nproc: int = 1, timeout: float = 600):
     for item in extra:
         args += ["--set", item]
     return run_module(args, nproc=nproc, timeout=timeout)
+
+
+STRAIGHT = ("data.num_eval_samples=4", "train.steps=4", "checkpoint.save_interval=2")
+"""Two rollouts (four optimizer steps) with a checkpoint after each: the straight run that
+resume tests cut (`cut_after`) and the layouts compare against."""
+
+
+def cut_after(run_dir: Path, step: int, dest: Path) -> Path:
+    """A copy of a finished run as a job stopped right after its step-`step` checkpoint would
+    have left it: later checkpoints gone, `latest` naming that step, metrics up to that step
+    (what a requeued job finds; the experience store keeps the later rollout's rows, which a
+    resume must drop, as after a crash between the store and the checkpoint)."""
+    shutil.copytree(run_dir, dest)
+    checkpoints = dest / "checkpoints"
+    for later in checkpoints.glob("step_*"):
+        if int(later.name.removeprefix("step_")) > step:
+            shutil.rmtree(later)
+    (checkpoints / "latest").write_text(f"step_{step:07d}")
+    kept = [line for line in (dest / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["step"] <= step]
+    (dest / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    return dest
 
 
 def training_rows(run_dir):

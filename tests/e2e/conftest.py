@@ -14,6 +14,18 @@ def sft_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def grpo_straight(tmp_path_factory, sft_checkpoint):
+    """World size 1, one engine: GRPO for two rollouts from the SFT policy, a checkpoint after
+    each (grpo_runs.STRAIGHT). The run tests/e2e/test_grpo_train.py checks and cuts to resume,
+    and the one every layout of tests/e2e/test_grpo_scaleout.py must reproduce."""
+    from grpo_runs import STRAIGHT, grpo
+
+    run = tmp_path_factory.mktemp("grpo_straight")
+    grpo(run, sft_checkpoint, *STRAIGHT)
+    return run
+
+
+@pytest.fixture(scope="session")
 def initial(tmp_path_factory):
     """The default config's step-0 checkpoint at world size 1: runs at other layouts start
     from exactly these weights."""

