@@ -168,7 +168,9 @@ def _causal_mask_on_cpu() -> None:
     its mask with `device="cuda"`. Fix 4 rewrites that in the forward pass, but activation
     recomputation re-runs the forward inside autograd's backward, where the device-literal
     mode is not active (a mode is switched off while its own handler, here the one around
-    `backward`, runs). Build the mask on the CPU (cached per length, as megatron does)."""
+    `backward`, runs). Build the mask on the CPU (cached per length, as megatron does).
+    Reached where model/attention.py falls back to megatron's own attention (an explicit
+    mask, a window, dropout: its SDPA path builds no mask)."""
     import functools
 
     from megatron.core.fusions import fused_softmax

@@ -71,7 +71,9 @@ PROBES = {
         "opt, _ = build_optimizer(w, cfg.optim, cfg.model, cfg.parallel, 10, ctx)\n"
         "forward(w[0]).backward(); opt.step()",
         "Torch not compiled with CUDA enabled"),
-    "causal_mask_on_cpu": (
+    "causal_mask_on_cpu": (  # megatron's own attention: the local spec's fallback path
+        "from megatron_r1.model.attention import PackedDotProductAttention\n"
+        "PackedDotProductAttention._fused_applies = lambda self, *args: False\n"
         "cfg, ctx, m = model('model.recompute=full')\nforward(m).backward()",
         "Torch not compiled with CUDA enabled"),
     "router_gemm_without_te": (

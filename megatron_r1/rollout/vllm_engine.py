@@ -149,6 +149,15 @@ class VLLMEngine:
         # workers, checkpoint writers) does not see the engine's devices or cores, and its
         # own LOCAL_WORLD_SIZE stays the launcher's.
         with _environment(start_env):
+            # The core, in this process, freezes vllm.envs once it is up (EngineCore.__init__
+            # calls enable_envs_cache, v1/engine/core.py 256-258): a later engine in this
+            # process (tests, an engine restarted) would read the first one's environment,
+            # e.g. its VLLM_CPU_OMP_THREADS_BIND. Unfreeze so that this engine reads its own
+            # (disable_envs_cache, envs.py 2329-2338, what vLLM's own tests use); the new core
+            # freezes it again with these values.
+            import vllm.envs
+
+            vllm.envs.disable_envs_cache()
             self._llm = LLM(**kwargs)
         # the `tokenizers` backend that decodes completion texts (`_texts`), where vLLM's own
         # detokeniser would use it (detokenizer.py uses_fast_detokenizer); else None
@@ -201,10 +210,10 @@ class VLLMEngine:
                  prompt_indices: Sequence[int] | None = None) -> list[list[Completion]]:
         from vllm import SamplingParams
 
-        self._check_awake("generate")
         if sampling.return_routing and self._moe is None:
             raise ValueError("SamplingConfig.return_routing: the engine was not started with "
                              "capture_routing=True (and an MoE model)")
+        self._check_awake("generate")
         indices = list(prompt_indices) if prompt_indices is not None else range(len(prompts))
         requests, params = [], []
         for i, prompt in zip(indices, prompts):

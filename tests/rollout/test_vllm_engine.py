@@ -138,9 +138,12 @@ def test_an_idle_engine_stops_spinning_and_its_core_runs_in_this_process(setup):
 
     engine, *_ = setup
     me = psutil.Process()
-    children = [p for p in me.children(recursive=True) if "resource_tracker" not in
-                " ".join(p.cmdline())]
-    assert len(children) == 1, [p.cmdline() for p in children]  # the worker
+    # vLLM names its processes "VLLM::Worker", "VLLM::EngineCore" (setproctitle); other
+    # children of the test process (multiprocessing's resource tracker or forkserver started
+    # by earlier tests) are not the engine's
+    children = [p for p in me.children(recursive=True) if p.cmdline()[:1]
+                and p.cmdline()[0].startswith("VLLM::")]
+    assert [p.cmdline()[0] for p in children] == ["VLLM::Worker"]  # no engine-core process
 
     def engine_cpu_s() -> float:
         return sum(sum(p.cpu_times()[:2]) for p in children)
