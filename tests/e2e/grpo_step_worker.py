@@ -7,6 +7,7 @@ same numbers; prints the step's loss, KL, grad norm and the padding fraction as 
 weight), and, with SCORE=1 in the environment, every row's log-probs under the initial
 weights."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -68,12 +69,30 @@ if __name__ == "__main__":
         scores = collect_on_rank0(score_rows(session.model, rollout, plans[ctx.dp_rank],
                                              session, 1.0), session)
         result["logp"] = {r: v.tolist() for r, v in sorted(scores.items())}
-    inputs = train_inputs(rollout, adv, old, ref, cfg.grpo.loss_aggregation, max_new_tokens=40)
-    batches = [train_microbatch(rollout, plan, inputs) for plan in plans[ctx.dp_rank]]
-    step = forward.loss_step(cfg.grpo, 1.0, ctx.tp_group)
-    out = train_step(session.model, session.optimizer, session.scheduler, batches, step,
-                     forward.LOSS_METRICS, ctx)
-    result.update({k: out.metrics[k] for k in ("loss", "kl", "grad_norm")})
+    # AGGREGATIONS (comma list): one step per loss aggregation, each from the same initial
+    # weights (put back after every step: fp32 weights are the optimizer's master weights, so
+    # the next step starts exactly where the first did); results keyed by aggregation
+    aggregations = os.environ.get("AGGREGATIONS", "").split(",") if os.environ.get(
+        "AGGREGATIONS") else [cfg.grpo.loss_aggregation]
+    if len(aggregations) > 1 and cfg.model.params_dtype != "fp32":
+        raise SystemExit("AGGREGATIONS: fp32 only (16-bit steps keep separate master weights)")
+    params = [p for chunk in session.model for p in chunk.parameters()]
+    initial = [p.detach().clone() for p in params]
+    for aggregation in aggregations:
+        grpo_cfg = dataclasses.replace(cfg.grpo, loss_aggregation=aggregation)
+        inputs = train_inputs(rollout, adv, old, ref, aggregation, max_new_tokens=40)
+        batches = [train_microbatch(rollout, plan, inputs) for plan in plans[ctx.dp_rank]]
+        step = forward.loss_step(grpo_cfg, 1.0, ctx.tp_group)
+        out = train_step(session.model, session.optimizer, session.scheduler, batches, step,
+                         forward.LOSS_METRICS, ctx)
+        metrics = {k: out.metrics[k] for k in ("loss", "kl", "grad_norm")}
+        if len(aggregations) > 1:
+            result[aggregation] = metrics
+            with torch.no_grad():
+                for p, p0 in zip(params, initial):
+                    p.copy_(p0)
+        else:
+            result.update(metrics)
     if ctx.rank == 0:
         print("RESULT " + json.dumps(result))
     end_session(session)

@@ -30,6 +30,8 @@ from megatron_r1.reward.kinds import summary_text
 from grpo_runs import TINY, grpo
 from procs import REPO, read_rows, run_module, run_script
 
+ROLLOUTS = 4  # of 32 rows (8 prompts x 4), two optimizer steps each
+
 
 def write_prompts(tmp_path):
     """64 training questions alternating math (with answers) and general (without), and 16
@@ -52,10 +54,10 @@ def test_rule_and_model_rewards_score_their_own_kinds(tmp_path, sft_checkpoint,
     models = f"[{{name: helpful, checkpoint: {helpfulness_model}, kinds: [general]}}]"
     grpo(run, sft_checkpoint, "data.source=jsonl", f"data.path={tmp_path / 'train.jsonl'}",
          f"data.eval_path={tmp_path / 'eval.jsonl'}", f"reward.models={models}",
-         "rollout.ranks_per_engine=1", "train.steps=16", nproc=2)
+         "rollout.ranks_per_engine=1", f"train.steps={2 * ROLLOUTS}", nproc=2)
     rows = read_rows(run)
     rollouts = [r for r in rows if "kind/math/reward_mean" in r]
-    assert len(rollouts) == 8
+    assert len(rollouts) == ROLLOUTS
     for r in rollouts:  # every rollout drew both kinds; every value finite
         assert r["kind/math/rows"] + r["kind/general/rows"] == 32
         assert r["reward/helpful_errors"] <= r["kind/general/rows"]
@@ -101,7 +103,7 @@ def test_rule_and_model_rewards_score_their_own_kinds(tmp_path, sft_checkpoint,
                     pairs.append([question, summary])
                     stored.append(helpful)
         checked += 1
-    assert checked == n == 8 * 32 and len(pairs) == 12
+    assert checked == n == ROLLOUTS * 32 and len(pairs) == 12
     # a row without a summary scores the rollout's lowest read score minus the model's
     # fallback_margin (1.0), never the 0 that out-scored negative logits
     for rollout, helpful in fallback:

@@ -4,8 +4,8 @@ the tokenizer and generation files in the checkpoint root.
 
 Two origins: (a) a Hugging Face model (tiny Llama with a tokenizer) converted, trained a few
 SFT steps, exported: the original config.json and tokenizer come back with the trained
-weights; (b) the tiny MoE trained from scratch with the built-in tokenizer, continued by a
-second run from the first one's checkpoint, exported: transformers builds the Qwen3-MoE model
+weights; (b) the tiny MoE trained from scratch with the built-in tokenizer (the session's
+60-step SFT run), continued by a second run from its checkpoint, exported: transformers builds the Qwen3-MoE model
 and loads its tokenizer. Runs use the real CLI in fresh processes.
 """
 
@@ -114,11 +114,12 @@ def test_policy_trained_from_a_hugging_face_model_exports_with_no_flags(tmp_path
     assert (out / "config.json").read_bytes() == (explicit / "config.json").read_bytes()
 
 
-def test_policy_trained_from_scratch_exports_with_its_own_tokenizer(tmp_path: Path) -> None:
-    first, second = tmp_path / "first", tmp_path / "second"
-    run_module([*SFT, "--set", f"logging.run_dir={first}"])
+def test_policy_trained_from_scratch_exports_with_its_own_tokenizer(
+        tmp_path: Path, sft_checkpoint: Path) -> None:
+    # the first stage: the session's SFT run of the demo model from scratch (tests/e2e/conftest)
+    first, second = sft_checkpoint.parent, tmp_path / "second"
     # A second stage starts from the first one's weights (as GRPO from an SFT run).
-    run_module([*SFT, "--set", f"logging.run_dir={second}",
+    run_module([*SFT, "--config", "configs/demo_sft.yaml", "--set", f"logging.run_dir={second}",
                 "--set", f"checkpoint.load_dir={first / 'checkpoints'}",
                 "--set", "checkpoint.load_optimizer=false"])
     ckpts, out = second / "checkpoints", tmp_path / "out"

@@ -19,12 +19,15 @@ AGGREGATIONS = ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
 RTOL = 1e-5
 
 
-def grpo_step(tmp_path, initial, nproc, *overrides, score=False):
+def grpo_step(tmp_path, initial, nproc, *overrides, score=False, aggregations=None):
     args = [f"logging.run_dir={tmp_path}", f"checkpoint.load_dir={initial}",
             "checkpoint.load_optimizer=false", "train.global_batch_size=16",
             "grpo.kl_coef=0.05", *overrides]
+    env = {"SCORE": "1"} if score else {}
+    if aggregations:
+        env["AGGREGATIONS"] = ",".join(aggregations)
     proc = run_script(REPO / "tests/e2e/grpo_step_worker.py", args, nproc=nproc,
-                      env={"SCORE": "1"} if score else None)
+                      env=env or None)
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
@@ -38,16 +41,25 @@ def assert_same_step(got, want, rtol=RTOL, logp_atol=1e-5):
             assert got["logp"][row] == pytest.approx(values, abs=logp_atol), row
 
 
-@pytest.mark.parametrize("aggregation", AGGREGATIONS)
-def test_loss_and_gradient_independent_of_split_and_dp(tmp_path, initial, aggregation):
-    mode = f"grpo.loss_aggregation={aggregation}"
-    base = grpo_step(tmp_path / "one", initial, 1, mode, "train.micro_batch_size=16")
+def test_loss_and_gradient_independent_of_split_and_dp(tmp_path, initial):
+    """Each aggregation's step at each layout (one process per layout steps every aggregation
+    from the same initial weights: grpo_step_worker's AGGREGATIONS)."""
+    base = grpo_step(tmp_path / "one", initial, 1, "train.micro_batch_size=16",
+                     aggregations=AGGREGATIONS)
     for name, nproc, overrides in (
             ("split", 1, ["train.micro_batch_size=2"]),
             ("dp2", 2, ["train.micro_batch_size=4"]),
             ("tp2", 2, ["train.micro_batch_size=8", "parallel.tensor=2"])):
-        assert_same_step(grpo_step(tmp_path / name, initial, nproc, mode, *overrides), base)
-    assert base["grad_norm"] > 0 and base["kl"] > 0
+        got = grpo_step(tmp_path / name, initial, nproc, *overrides, aggregations=AGGREGATIONS)
+        for aggregation in AGGREGATIONS:
+            assert_same_step(got[aggregation], base[aggregation])
+    for aggregation in AGGREGATIONS:
+        assert base[aggregation]["grad_norm"] > 0 and base[aggregation]["kl"] > 0
+    # the aggregations really differ (a step that ignored the setting would pass the above)
+    assert len({base[a]["loss"] for a in AGGREGATIONS}) == len(AGGREGATIONS)
+    # started from a checkpoint: the policy was built without drawing random weights it would
+    # throw away (issue 21; the step still equals the others, so every weight was loaded)
+    assert base["drew_random_weights"] is False
     # started from a checkpoint: the policy was built without drawing random weights it would
     # throw away (issue 21; the step still equals the others, so every weight was loaded)
     assert base["drew_random_weights"] is False

@@ -1,11 +1,11 @@
 """The GRPO stage end to end on the tiny model: vLLM-CPU rollouts, rewards, reference model,
 weight sync with its correctness check, experience store, checkpoint and resume, offload of
-the training state and the reference model, bf16 end to end, held-out prompts from JSONL."""
+the training state and the reference model, rejection sampling. (bf16 end to end on held-out
+JSONL prompts: tests/e2e/test_grpo_scaleout.py.)"""
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
@@ -69,16 +69,21 @@ def test_grpo_trains_logs_and_resumes_exactly(tmp_path, sft_checkpoint, grpo_str
                                    r["offload/reference_gb"] > 0 for r in moved)
 
 
-def test_sync_check_passes_then_trips_on_a_corrupted_tensor(tmp_path, sft_checkpoint):
-    """Opened as training opens it, with the train state and the reference model offloaded:
-    both have left the device before the engine starts (vLLM refuses to start without
-    gpu_memory_utilization x the GPU free), and the first sync runs beside the weights alone."""
+def test_sync_check_passes_then_trips_naming_the_engine_group_with_wrong_weights(
+        tmp_path, sft_checkpoint):
+    """Two engines (world size 2, one per rank), the stage opened as training opens it, with
+    the train state and the reference model offloaded: both have left the device before the
+    engines start (vLLM refuses to start without gpu_memory_utilization x the GPU free), and
+    the first sync runs beside the weights alone and passes; then only the second engine
+    receives a corrupted tensor (x1.5, then NaN): the gate stops the run naming that engine
+    group and not the other; the right weights pass again."""
     proc = run_script(REPO / "tests/e2e/sync_gate_worker.py", [
         "configs/demo_sft.yaml", f"logging.run_dir={tmp_path}",
         f"checkpoint.load_dir={sft_checkpoint}", "checkpoint.load_optimizer=false",
-        "data.num_eval_samples=16", "rollout.offload_train_state=true",
-        "grpo.offload_reference=true", "grpo.kl_coef=0.001"], timeout=600,
-        env={"SYNC_GATE_TRAINING": "1"})
+        "data.num_eval_samples=16", "rollout.ranks_per_engine=1",
+        "rollout.offload_train_state=true", "grpo.offload_reference=true",
+        "grpo.kl_coef=0.001"], nproc=2, timeout=600,
+        env={"SYNC_GATE_TRAINING": "1", "SYNC_GATE_CORRUPT_RANKS": "1"})
     report = json.loads(next(x for x in proc.stdout.splitlines()
                              if x.startswith("RESULT "))[len("RESULT "):])
     start = report["at_engine_start"]
@@ -88,30 +93,15 @@ def test_sync_check_passes_then_trips_on_a_corrupted_tensor(tmp_path, sft_checkp
     assert report["greedy_equal"]
     assert report["tripped"], report
     assert "the engine holds wrong weights" in report["message"]
+    assert "engine group 1 (ranks 1-1)" in report["message"], report["message"]
+    assert "engine group 0" not in report["message"], report["message"]
     assert report["tripped_nan"], report  # NaN log-probs fail the gate (max(0, nan) is 0)
     assert report["restored"] < 1e-3
 
 
-def test_sync_check_names_the_engine_group_that_holds_wrong_weights(tmp_path, sft_checkpoint):
-    """Two engines (world size 2, one per rank): only the second receives a corrupted
-    tensor; the gate stops the run naming that engine group and not the other."""
-    proc = run_script(REPO / "tests/e2e/sync_gate_worker.py", [
-        "configs/demo_sft.yaml", f"logging.run_dir={tmp_path}",
-        f"checkpoint.load_dir={sft_checkpoint}", "checkpoint.load_optimizer=false",
-        "data.num_eval_samples=16", "rollout.ranks_per_engine=1"], nproc=2, timeout=600,
-        env={"SYNC_GATE_CORRUPT_RANKS": "1"})
-    report = json.loads(next(x for x in proc.stdout.splitlines()
-                             if x.startswith("RESULT "))[len("RESULT "):])
-    assert report["first_sync"] < 1e-3 and report["greedy_equal"]
-    assert report["tripped"] and report["tripped_nan"], report
-    assert "engine group 1 (ranks 1-1)" in report["message"], report["message"]
-    assert "engine group 0" not in report["message"], report["message"]
-    assert report["restored"] < 1e-3
-
-
-def test_rejection_sampling_writes_a_data_set_sft_trains_on(tmp_path, sft_checkpoint):
+def test_rejection_sampling_keeps_only_correct_outputs_in_any_engine_count(tmp_path, sft_checkpoint):
     """`sample` with the real engine: every verdict counted, every kept output really correct
-    and in the template, the file is what `sft` reads (R1 stage 3 then SFT)."""
+    and in the template (R1 stage 3; the SFT that reads the file: tests/e2e/test_distill.py)."""
     from megatron_r1.reward.accuracy import accuracy_reward
     from megatron_r1.reward.format import format_reward
     from megatron_r1.reward.types import Sample
@@ -145,30 +135,4 @@ def test_rejection_sampling_writes_a_data_set_sft_trains_on(tmp_path, sft_checkp
     two = json.loads((tmp_path / "two" / "rejection_sampled.jsonl.report.json").read_text())
     assert two["sample/engines"] == 2 and two["sample/kept"] == report["sample/kept"]
 
-    run_module(["sft", *TINY, "--set", "train.steps=2", "--set", "data.source=jsonl",
-                "--set", f"data.path={data}", "--set", "train.global_batch_size=4",
-                "--set", "train.micro_batch_size=2", "--set", f"checkpoint.load_dir={sft_checkpoint}",
-                "--set", "checkpoint.load_optimizer=false",
-                "--set", f"logging.run_dir={tmp_path / 'sft'}"])
-    losses = [r["loss"] for r in read_rows(tmp_path / "sft") if "loss" in r]
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
-
-
-def test_bf16_grpo_with_a_held_out_jsonl_split(tmp_path, sft_checkpoint):
-    """bf16 end to end (policy, reference copy, fused loss, checkpoint, export to a bf16
-    engine, the gate at its bf16 tolerance), on prompts read from JSONL with a held-out
-    fraction: evaluation before and after works on user data."""
-    prompts = tmp_path / "prompts.jsonl"
-    problems = [(a, b) for a in range(1, 9) for b in range(1, 9)]
-    prompts.write_text("".join(json.dumps({"prompt": f"Compute {a} + {b}", "answer": str(a + b)})
-                               + "\n" for a, b in problems))
-    run = tmp_path / "bf16"
-    grpo(run, sft_checkpoint, "train.steps=2", "model.params_dtype=bf16", "data.source=jsonl",
-         f"data.path={prompts}", "data.eval_fraction=0.25", "logging.log_interval=2",
-         "train.max_tokens_per_microbatch=256", "train.pack_sequences=true")
-    rows = read_rows(run)
-    assert_all_finite(rows)
-    assert [r["step"] for r in rows if "loss" in r] == [2]  # log_interval=2
-    assert sum("eval/pass@1" in r for r in rows) == 2  # 16 held-out prompts, before and after
-    assert max(r["sync/max_logp_diff"] for r in rows if "sync/max_logp_diff" in r) < 0.5
-    assert (run / "checkpoints" / "latest").read_text() == "step_0000002"
+    # `sft` reading this file: tests/e2e/test_distill.py trains its student on `sample`'s output

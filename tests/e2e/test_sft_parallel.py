@@ -49,8 +49,20 @@ def assert_same_run(got: list[dict], want: list[dict]) -> None:
     assert len([r for r in want if "loss" in r]) == STEPS
 
 
+@pytest.fixture(scope="module")
+def tp2(tmp_path_factory, initial) -> Path:
+    """The TP=2 run (world size 2): compared with the single process, and the checkpoint the
+    cross-layout loading tests start from."""
+    run = tmp_path_factory.mktemp("tp2")
+    train(run, initial, 2, "parallel.tensor=2")
+    return run
+
+
+def test_tp2_matches_single_process(tp2, reference):
+    assert_same_run(read_rows(tp2), reference)
+
+
 @pytest.mark.parametrize(("nproc", "layout"), [
-    (2, ["parallel.tensor=2"]),
     (2, ["parallel.expert=2", "parallel.moe_token_dispatcher=alltoall"]),
     (2, ["parallel.expert=2", "parallel.moe_token_dispatcher=allgather"]),
     (2, ["parallel.pipeline=2"]),
@@ -62,7 +74,7 @@ def assert_same_run(got: list[dict], want: list[dict]) -> None:
     (4, ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=1",
          "train.max_tokens_per_microbatch=512", "train.pack_sequences=true"]),
     (2, ["parallel.expert=2", "train.max_tokens_per_microbatch=128"]),
-], ids=["tp2", "ep2-alltoall", "ep2-allgather", "pp2-1f1b", "dp2-distopt", "tp2-pp2", "tp2-ep2",
+], ids=["ep2-alltoall", "ep2-allgather", "pp2-1f1b", "dp2-distopt", "tp2-pp2", "tp2-ep2",
         "pp2-packed", "tp2-ep2-packed", "ep2-budget"])
 def test_layout_matches_single_process(tmp_path, initial, reference, nproc, layout):
     assert_same_run(train(tmp_path / "run", initial, nproc, *layout), reference)
@@ -92,20 +104,18 @@ def test_overlapped_param_gather_saves_the_updated_weights(tmp_path, initial):
     assert rows[0]["step"] == 0 and rows[0]["eval_loss"] == pytest.approx(final_eval, rel=RTOL)
 
 
-def test_checkpoint_saved_at_one_layout_loads_at_another(tmp_path, initial):
+def test_checkpoint_saved_at_one_layout_loads_at_another(tmp_path, tp2):
     """TP=2 saves; PP=2 and EP=2 load the weights and see the same held-out loss."""
-    saved = train(tmp_path / "tp2", initial, 2, "parallel.tensor=2")
-    final_eval = [r["eval_loss"] for r in saved if "eval_loss" in r][-1]
+    final_eval = [r["eval_loss"] for r in read_rows(tp2) if "eval_loss" in r][-1]
     for name, layout in (("pp2", "parallel.pipeline=2"), ("ep2", "parallel.expert=2")):
-        rows = train(tmp_path / name, tmp_path / "tp2" / "checkpoints", 2, layout)
+        rows = train(tmp_path / name, tp2 / "checkpoints", 2, layout)
         assert rows[0]["step"] == 0
         assert rows[0]["eval_loss"] == pytest.approx(final_eval, rel=RTOL), name
 
 
-def test_optimizer_state_is_not_loaded_across_model_parallel_layouts(tmp_path, initial):
-    train(tmp_path / "tp2", initial, 2, "parallel.tensor=2")
+def test_optimizer_state_is_not_loaded_across_model_parallel_layouts(tmp_path, tp2):
     proc = run_module(["sft", *BASE, "--set", f"logging.run_dir={tmp_path / 'pp2'}",
-                       "--set", f"checkpoint.load_dir={tmp_path / 'tp2' / 'checkpoints'}",
+                       "--set", f"checkpoint.load_dir={tp2 / 'checkpoints'}",
                        "--set", "parallel.pipeline=2"], nproc=2, check=False)
     assert proc.returncode != 0
     assert "saved with another model-parallel layout (tensor: 2 -> 1, pipeline: 1 -> 2" \
