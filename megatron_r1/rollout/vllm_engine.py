@@ -153,8 +153,8 @@ class VLLMEngine:
             # calls enable_envs_cache, v1/engine/core.py 256-258): a later engine in this
             # process (tests, an engine restarted) would read the first one's environment,
             # e.g. its VLLM_CPU_OMP_THREADS_BIND. Unfreeze so that this engine reads its own
-            # (disable_envs_cache, envs.py 2329-2338, what vLLM's own tests use); the new core
-            # freezes it again with these values.
+            # (disable_envs_cache, envs.py 2329-2338, meant there for isolating environments);
+            # the new core freezes it again with these values.
             import vllm.envs
 
             vllm.envs.disable_envs_cache()
