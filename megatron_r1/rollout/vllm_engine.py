@@ -6,16 +6,16 @@ leader's process, stepped by `generate` itself, and its workers run in processes
 (vLLM's multiprocessing executor; spawned: they start with a clean torch.distributed and their
 own thread settings, so the trainer's process group and thread count stay the trainer's; a
 worker crash cannot corrupt a trainer rank). Keeping the core in process saves a third process
-per engine: measured on 2 CPU cores, engine start-up 14 s -> 9 s, and no second process
-boundary per step. vLLM's "external_launcher" mode (a worker inside each trainer process,
-veRL's) is not used: it rewrites LOCAL_WORLD_SIZE, disables torch.set_num_threads in the
+per engine and a second process boundary per step: engine start-up 16.8 s -> 10.2 s on 2 CPU
+cores (benchmarks/bench_engine_overheads.py, results/engine_overheads_cpu_*.csv). vLLM's
+"external_launcher" mode (a worker inside each trainer process, veRL's) is not used: it rewrites LOCAL_WORLD_SIZE, disables torch.set_num_threads in the
 trainer's process and requires the engine's world to be the trainer's. Idle workers stop
 spinning on their message queue 50 ms after the last call (vllm_compat.quiet_idle_readers),
 so the trainer gets its cores back. Side effects of the core in this process (EngineCore's
 __init__, v1/engine/core.py 250-258): vLLM freezes the garbage collector's current heap
 (gc.freeze: the objects alive at engine start are never collected) and caches its environment
-variables; both are harmless for a trainer that holds one engine. On GPUs the workers see the group's devices
-(CUDA_VISIBLE_DEVICES), i.e. they are colocated with the group's trainer ranks.
+variables (undone before each new engine, see __init__). On GPUs the workers see the group's
+devices (CUDA_VISIBLE_DEVICES), i.e. they are colocated with the group's trainer ranks.
 
 Weights arrive in buckets of full Hugging Face tensors and are loaded by vLLM's own layerwise
 in-place reload inside the workers (vllm_worker.py), one bucket at a time: on CPU through
@@ -221,9 +221,9 @@ class VLLMEngine:
                 seed = None if sampling.seed is None else request_seed(sampling.seed, i, j)
                 requests.append({"prompt_token_ids": list(prompt)})
                 # detokenize=False, flat_logprobs: vLLM's per-step, per-token detokenisation
-                # (also of every logprob's token) and one dict per logprob cost a third of a
-                # generate on the CPU (measured: 1.61 -> 1.13 s for 256 x 48 tokens of the demo
-                # model); the texts are decoded once at the end instead (`_texts`)
+                # (also of every logprob's token) and one dict per logprob: 1.29 -> 1.05 s for
+                # 256 x 48 tokens of the demo model on 2 CPU cores (bench_engine_overheads.py);
+                # the texts are decoded once at the end instead (`_texts`)
                 params.append(SamplingParams(n=1, temperature=sampling.temperature,
                                              top_p=sampling.top_p,
                                              max_tokens=sampling.max_new_tokens, logprobs=0,
