@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from megatron_r1.config import Config, load_config
 from megatron_r1.layout import resolve_layout
+from megatron_r1.parallel.launch_env import ranks_per_node_hint
 from megatron_r1.rollout.placement import resolve_placement
 
 log = logging.getLogger("megatron_r1")
@@ -28,6 +29,10 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-world-size", type=int, metavar="N",
                         help="only check the config and the parallel layout for N processes, "
                              "then exit (0: valid, 2: the first problem, named)")
+    parser.add_argument("--ranks-per-node", type=int, metavar="M",
+                        help="with --check-world-size: M processes per node (default: the "
+                             "launcher's LOCAL_WORLD_SIZE or SLURM tasks per node, else all "
+                             "N on one node); the rollout engines must start on that layout")
 
 
 # The commands that run a stage from the config system: (name, --help line, description).
@@ -130,13 +135,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"data.sources: only `sft` mixes sources; `{args.command}` reads "
                              "one data file, data.path")
         if getattr(args, "check_world_size", None) is not None:
-            resolve_layout(cfg.parallel, cfg.model, cfg.train, args.check_world_size,
-                           cfg.data.seq_length)
-            if args.command in ("train", "eval", "sample"):  # the engine groups, on one node
-                resolve_placement(cfg.rollout, args.check_world_size, args.check_world_size)
-            print(f"megatron-r1 {args.command}: config and layout valid for "
-                  f"{args.check_world_size} process(es)")
+            world = args.check_world_size
+            per_node = args.ranks_per_node
+            if per_node is None:
+                per_node = ranks_per_node_hint() or world
+            resolve_layout(cfg.parallel, cfg.model, cfg.train, world, cfg.data.seq_length)
+            if args.command in ("train", "eval", "sample"):  # engines that start on these nodes
+                resolve_placement(cfg.rollout, world, per_node)
+            print(f"megatron-r1 {args.command}: config and layout valid for {world} "
+                  f"process(es), {per_node} per node")
             return 0
+        if getattr(args, "ranks_per_node", None) is not None:
+            raise ValueError("--ranks-per-node: only with --check-world-size (a run reads its "
+                             "node size from the launcher)")
         return _run(args, cfg)
     except (ValueError, TypeError, FileNotFoundError) as err:
         # Input errors (config, layout, data, checkpoints) are reported, not traced.

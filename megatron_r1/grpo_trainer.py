@@ -89,6 +89,7 @@ from megatron_r1.reward_serving import (
     score_rollout,
 )
 from megatron_r1.rollout import dispatch
+from megatron_r1.rollout.engine_nodes import HeadlessWorkers, engine_nodes
 from megatron_r1.rollout.placement import Placement, resolve_placement, split_prompts
 from megatron_r1.rollout.types import RolloutEngine, SamplingConfig
 from megatron_r1.session import Session, end_session, micro_batching, run_tokenizer, start_session
@@ -140,6 +141,8 @@ class Stage:
     """The same for the reference model (it replays what the policy replays)."""
     reward_models: list[ServedRewardModel] = dataclasses.field(default_factory=list)
     """reward.models, on every rank (forward only, host memory between uses)."""
+    node_workers: HeadlessWorkers | None = None
+    """On the other node hosts of an engine wider than a node: this node's workers."""
     wait: dispatch.EngineWait = dataclasses.field(
         default_factory=lambda: dispatch.EngineWait(None, 0.0))
     """Where every rank waits for the engines to finish generating (on the host, within
@@ -188,7 +191,8 @@ def _routing_shape(cfg: Config) -> tuple[int, int] | None:
 # ------------------------------------------------------------------ weight sync
 def sync_weights(stage: Stage) -> dict[str, float]:
     """Push the policy to every engine group, then check every engine against the trainer."""
-    return {**push_weights(stage.session, stage.export, stage.engine, stage.placement),
+    return {**push_weights(stage.session, stage.export, stage.engine, stage.placement,
+                           stage.node_workers),
             **check_sync(stage)}
 
 
@@ -474,6 +478,7 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
                                cfg.rollout.engine_wait_minutes)
     placement = resolve_placement(cfg.rollout, ctx.layout.world_size, ctx.launch.local_world_size)
     group = placement.group_of(ctx.rank)
+    nodes = engine_nodes(placement, ctx.rank, cfg.rollout.engine_wait_minutes)
     dp_ranks: list[Any] = [None] * ctx.layout.world_size
     dist.all_gather_object(dp_ranks, ctx.dp_rank)
     if session.extra_models and not session.resumed:
@@ -503,17 +508,29 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
     if session.extra_models and cfg.grpo.offload_reference:
         ref_offload = ModelOffload(session.extra_models[REF_MODEL], ctx.device)
         ref_offload.offload()
-    if ctx.rank == group.leader:
-        from megatron_r1.rollout.vllm_engine import VLLMEngine, engine_environment
+    node_workers = None
+    if nodes is not None:  # this rank starts engine workers: the leader, or another node's host
+        from megatron_r1.rollout.vllm_engine import (
+            VLLMEngine,
+            engine_environment,
+            start_environment,
+            vllm_arguments,
+        )
 
-        model_dir = export.write_engine_dir(session.run_dir / "engine_model" /
-                                            f"group{group.index}")
-        engine = VLLMEngine(model_dir, cfg.rollout, max_model_len=cfg.data.seq_length + 1,
-                            seed=cfg.train.seed, dtype=TORCH_DTYPES[cfg.model.params_dtype],
-                            load_format="dummy",
-                            env=engine_environment(group, ctx.launch, ctx.device),
-                            capture_routing=training and cfg.grpo.routing_replay == "r3")
-        scorer = RewardScorer.from_config(cfg.reward, num_workers=cfg.reward.num_workers)
+        # each node its own copy (config and tokenizer: no shared file system assumed)
+        model_dir = export.write_engine_dir(
+            session.run_dir / "engine_model" /
+            (f"group{group.index}" + (f"_node{nodes.node}" if nodes.node else "")))
+        args = dict(max_model_len=cfg.data.seq_length + 1, seed=cfg.train.seed,
+                    dtype=TORCH_DTYPES[cfg.model.params_dtype], load_format="dummy",
+                    capture_routing=training and cfg.grpo.routing_replay == "r3")
+        env = engine_environment(group, ctx.launch, ctx.device)
+        if nodes.node == 0:
+            engine = VLLMEngine(model_dir, cfg.rollout, env=env, nodes=nodes, **args)  # type: ignore[arg-type]
+            scorer = RewardScorer.from_config(cfg.reward, num_workers=cfg.reward.num_workers)
+        else:  # started while the leader's VLLMEngine waits for this node's workers
+            node_workers = HeadlessWorkers(vllm_arguments(model_dir, cfg.rollout, **args),  # type: ignore[arg-type]
+                                           nodes, start_environment(cfg.rollout, env))
     if ctx.rank == 0 and training:
         store = ExperienceStore(session.run_dir / EXPERIENCE, cfg.data.seq_length,
                                 list(components), routing_shape=_routing_shape(cfg),
@@ -531,7 +548,7 @@ def open_stage(cfg: Config, *, training: bool = True) -> Stage:
                  engine=engine, scorer=scorer, store=store,
                  how=micro_batching(cfg, ctx.layout), train_offload=train_offload,
                  ref_offload=ref_offload, guard=NonFiniteGuard(cfg.train.max_consecutive_nonfinite),
-                 routing=routing, ref_routing=ref_routing, wait=wait)
+                 routing=routing, ref_routing=ref_routing, wait=wait, node_workers=node_workers)
 
 
 def _routing_replay(cfg: Config, chunks: list[torch.nn.Module], session: Session
@@ -623,6 +640,8 @@ def close_stage(stage: Stage) -> None:
         stage.scorer.close()
     if stage.engine is not None:
         stage.engine.close()
+    if stage.node_workers is not None:  # vLLM's headless side does not end by itself
+        stage.node_workers.close()
     end_session(stage.session)
 
 

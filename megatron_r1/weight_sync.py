@@ -1,10 +1,12 @@
 """The policy's weights to every engine group, and the correctness gate on every engine.
 
 Layer L3 (the gather and the Hugging Face export below it, the trainer's log-probs for the
-gate). Each engine group's leader assembles the full Hugging Face tensors its engine needs,
-bucket by bucket, taking every fragment from its own group's ranks where one of them holds a
-copy and from other ranks only for what the group lacks (resharding/gather.py); all groups
-receive at once. No other rank assembles anything. Then every engine scores fixed probe
+gate). Each engine's node host (its leader, and on an engine wider than a node the group's
+first rank on each other node, rollout/placement.py) assembles the full Hugging Face tensors
+its node's workers load, bucket by bucket, taking every fragment from its own node's ranks of
+the group where one of them holds a copy and from other ranks only for what they lack
+(resharding/gather.py); all hosts receive at once, and hand each bucket to their own node's
+workers (rollout/engine_nodes.py). No other rank assembles anything. Then every engine scores fixed probe
 sequences and must agree with the trainer, or the run stops naming the engine group.
 """
 
@@ -23,6 +25,7 @@ from megatron_r1.logprobs import collect_on_rank0, score_rows
 from megatron_r1.optim import gather_updated_params
 from megatron_r1.resharding.gather import TransferStats
 from megatron_r1.rollout.dispatch import comm_device
+from megatron_r1.rollout.engine_nodes import HeadlessWorkers
 from megatron_r1.rollout.placement import Placement
 from megatron_r1.rollout.types import Completion, RolloutEngine
 from megatron_r1.session import Session
@@ -33,11 +36,13 @@ class SyncCheckError(RuntimeError):
 
 
 def push_weights(session: Session, export: EngineExport, engine: RolloutEngine | None,
-                 placement: Placement) -> dict[str, float]:
-    """Send the policy to every engine (engine is this rank's, on leaders). Collective.
+                 placement: Placement, node_workers: HeadlessWorkers | None = None
+                 ) -> dict[str, float]:
+    """Send the policy to every engine (engine is this rank's, on leaders; node_workers this
+    node's share of a multi-node engine's workers, on its other node hosts). Collective.
 
-    Returns `time/sync_s` and the bytes moved: `sync/engine_rank_mb` (the most any leader
-    assembled), `sync/engine_rank_ratio` (that over the bytes its engine needs: 1.0),
+    Returns `time/sync_s` and the bytes moved: `sync/engine_rank_mb` (the most any node host
+    assembled), `sync/engine_rank_ratio` (that over the bytes its workers need: 1.0),
     `sync/other_rank_mb` (the most any other rank received: 0) and `sync/remote_mb` (all
     bytes that crossed between ranks)."""
     start = time.perf_counter()
@@ -45,19 +50,23 @@ def push_weights(session: Session, export: EngineExport, engine: RolloutEngine |
     gather_updated_params(session.model)  # type: ignore[arg-type]
     stats = TransferStats()
     on_cuda = ctx.device.type == "cuda"
-    buckets = export.hf_buckets(session.model, ctx, destinations=placement.leaders,
-                                nearby={g.leader: g.ranks for g in placement.groups},
+    hosts = placement.node_hosts
+    buckets = export.hf_buckets(session.model, ctx, destinations=hosts,
+                                nearby={h: g.nearby(h) for g in placement.groups
+                                        for h in g.node_hosts},
                                 device=ctx.device if on_cuda else torch.device("cpu"),
                                 stats=stats)
     if engine is not None:
         engine.update_weights(buckets)
+    elif node_workers is not None:
+        node_workers.update_weights(buckets)
     else:
         for _ in buckets:  # every bucket is collective: take part in each
             pass
-    leader = ctx.rank in placement.leaders
-    moved = torch.tensor([stats.assembled if leader else 0,
-                          stats.assembled / max(stats.needed, 1) if leader else 0,
-                          0 if leader else stats.received, stats.received], dtype=torch.float64)
+    host = ctx.rank in hosts
+    moved = torch.tensor([stats.assembled if host else 0,
+                          stats.assembled / max(stats.needed, 1) if host else 0,
+                          0 if host else stats.received, stats.received], dtype=torch.float64)
     if dist.get_world_size() > 1:
         moved = moved.to(comm_device())
         dist.all_reduce(moved[:3], op=dist.ReduceOp.MAX)

@@ -10,6 +10,9 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from procs import read_rows, run_module
 
 TINY = ["--config", "configs/demo_sft.yaml", "--set", "logging.progress_bar=false",
@@ -26,14 +29,20 @@ def sft_checkpoint(run: Path) -> Path:
     return run / "checkpoints"
 
 
-def grpo(run_dir, checkpoint, *extra, nproc: int = 1, timeout: float = 600):
-    """`megatron-r1 train` (GRPO) from `checkpoint` (weights only) with `extra` overrides."""
+def grpo_args(run_dir, checkpoint, *extra) -> list[str]:
+    """The arguments of `megatron-r1 train` (GRPO) from `checkpoint` (weights only) with
+    `extra` overrides."""
     args = ["train", *TINY, *GRPO, "--set", f"logging.run_dir={run_dir}",
             "--set", f"checkpoint.load_dir={checkpoint}",
             "--set", "checkpoint.load_optimizer=false"]
     for item in extra:
         args += ["--set", item]
-    return run_module(args, nproc=nproc, timeout=timeout)
+    return args
+
+
+def grpo(run_dir, checkpoint, *extra, nproc: int = 1, timeout: float = 600):
+    """`megatron-r1 train` (GRPO) from `checkpoint` (weights only) with `extra` overrides."""
+    return run_module(grpo_args(run_dir, checkpoint, *extra), nproc=nproc, timeout=timeout)
 
 
 STRAIGHT = ("data.num_eval_samples=4", "train.steps=4", "checkpoint.save_interval=2")
@@ -71,3 +80,40 @@ def assert_all_finite(rows):
     for row in rows:
         for key, value in row.items():
             assert isinstance(value, int | float) and math.isfinite(value), (row["step"], key)
+
+
+RTOL = 1e-4
+FIRST = ("data.num_eval_samples=4", "train.steps=4", "train.stop_at_step=2")  # one rollout
+COMPARED = ("loss", "kl", "clip_fraction", "grad_norm", "entropy", "reward/total_mean",
+            "reward/accuracy_mean", "advantage/std", "response/length_mean")
+
+
+def first_rollout(run_dir):
+    from megatron_r1.experience import read_experience
+
+    names = ["tokens", "sampler_logp", "reward", "advantage", "prompt_index"]
+    store = read_experience(run_dir / "experience.zarr", ["rollout", *names])
+    first = store["rollout"] == 0
+    return {name: store[name][first] for name in names}
+
+
+def assert_same_run(run, reference):
+    rows, expected = read_rows(run), read_rows(reference)
+    assert_all_finite(rows)
+    got, want = first_rollout(run), first_rollout(reference)
+    for name in ("tokens", "prompt_index", "reward", "advantage"):
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    np.testing.assert_allclose(got["sampler_logp"], want["sampler_logp"], rtol=0, atol=1e-5)
+    steps, expected_steps = training_rows(run)[:2], training_rows(reference)[:2]
+    assert [r["step"] for r in steps] == [r["step"] for r in expected_steps] == [1, 2]
+    for row, ref in zip(steps, expected_steps):
+        assert row.keys() == ref.keys()
+        for key in (k for k in COMPARED if k in ref):  # rollout metrics: first step only
+            assert row[key] == pytest.approx(ref[key], rel=RTOL, abs=1e-7), (row["step"], key)
+    start = next(r for r in rows if "eval/pass@1" in r)
+    assert start["eval/pass@1"] == next(r for r in expected if "eval/pass@1" in r)["eval/pass@1"]
+    syncs = [r for r in rows if "sync/max_logp_diff" in r]
+    assert max(r["sync/max_logp_diff"] for r in syncs) < 1e-3
+    assert all(r["sync/other_rank_mb"] == 0 and r["sync/engine_rank_ratio"] == 1.0
+               for r in syncs)
+    return syncs

@@ -32,6 +32,37 @@ def test_check_world_size_validates_without_starting_anything():
     assert bad.returncode == 2 and "does not divide the world size 3" in bad.stderr
 
 
+@pytest.mark.parametrize(("per_node", "env", "message"), [
+    (["--ranks-per-node", "8"], {}, None),  # two whole nodes
+    (["--ranks-per-node", "4"], {}, None),  # four
+    ([], {"LOCAL_WORLD_SIZE": "8"}, None),  # torchrun's
+    ([], {"SLURM_TASKS_PER_NODE": "8(x6)"}, None),  # SLURM's, in the batch script
+    (["--ranks-per-node", "6"], {}, "rollout.tensor_parallel=16 spans nodes of 6 ranks but "
+                                    "not whole ones"),
+    ([], {"SLURM_TASKS_PER_NODE": "12(x4)"}, "rollout.tensor_parallel=16 spans nodes of 12 "
+                                               "ranks but not whole ones"),
+])
+def test_check_world_size_knows_the_node_size_of_engines_across_nodes(
+        per_node, env, message, capsys, monkeypatch):
+    """An engine wider than a node starts only on whole nodes (rollout/placement.py): the
+    pre-flight refuses the others before any rank builds a model, naming the field."""
+    from megatron_r1.cli import main
+
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rc = main(["train", *(arg for item in (
+        "rollout.tensor_parallel=16", "model.num_attention_heads=16", "model.num_query_groups=16",
+        "train.global_batch_size=96", "grpo.prompts_per_rollout=24", "parallel.tensor=2") for arg in ("--set", item)),
+        "--check-world-size", "48", *per_node])
+    out = capsys.readouterr()
+    if message is None:
+        assert rc == 0 and "config and layout valid for 48 process(es)" in out.out, out.err
+    else:
+        assert rc == 2 and message in out.err, out.err
+
+
 def test_help_lists_the_commands():
     proc = run_module(["--help"], check=False)
     assert proc.returncode == 0 and "sft" in proc.stdout
@@ -62,5 +93,6 @@ def test_every_r1_stage_config_is_valid_on_512_gpus(command, config, capsys):
     from megatron_r1.cli import main
 
     path = REPO / "configs" / f"{config}.yaml"
-    assert main([command, "--config", str(path), "--check-world-size", "512"]) == 0
-    assert "config and layout valid for 512 process(es)" in capsys.readouterr().out
+    assert main([command, "--config", str(path), "--check-world-size", "512",
+                 "--ranks-per-node", "8"]) == 0  # 64 nodes of 8 GPUs
+    assert "config and layout valid for 512 process(es), 8 per node" in capsys.readouterr().out

@@ -31,6 +31,11 @@ def ctx_for(*overrides):
     layout = resolve_layout(cfg.parallel, cfg.model, cfg.train, 1, cfg.data.seq_length)
     dist.init_process_group("gloo", rank=0, world_size=1,
                             init_method=f"tcp://127.0.0.1:{{launch.master_port}}")
+    # torn down before the interpreter exits, as the CLI does (parallel/init.py): left to
+    # static destructors, gloo's threads once aborted the probe after it had passed
+    # ("terminate called without an active exception", CI of stop 26)
+    import atexit
+    atexit.register(dist.destroy_process_group)
     parallel_state.initialize_model_parallel(create_gloo_process_groups=False)
     ctx = ParallelContext(layout=layout, launch=launch, device=torch.device("cpu"), tp_rank=0,
                           pp_rank=0, cp_rank=0, ep_rank=0, dp_rank=0,

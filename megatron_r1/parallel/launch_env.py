@@ -89,6 +89,18 @@ def _slurm_tasks_per_node(env: Mapping[str, str]) -> int:
     return int(first) if first.isdigit() else 1
 
 
+def ranks_per_node_hint(env: Mapping[str, str] | None = None) -> int | None:
+    """Ranks per node as the launcher's environment says before any rank exists (for the
+    pre-flight, `--check-world-size`): torchrun's LOCAL_WORLD_SIZE, or SLURM's tasks per node
+    (also in the batch script); None when neither is set."""
+    env = os.environ if env is None else env
+    if "LOCAL_WORLD_SIZE" in env:
+        return _int(env, "LOCAL_WORLD_SIZE")
+    if "SLURM_NTASKS_PER_NODE" in env or "SLURM_TASKS_PER_NODE" in env:
+        return _slurm_tasks_per_node(env)
+    return None
+
+
 def _from_mpi(env: Mapping[str, str]) -> LaunchEnv:
     from mpi4py import MPI  # imported only under mpirun: it loads the MPI library
 

@@ -146,8 +146,11 @@ def step_cost(plan: Plan, attention_flops: float, linear_flops: float) -> float:
 
 
 def rollout_tensor_options(cfg: Config, gpus: int, gpus_per_node: int) -> list[int]:
+    """Inference TP sizes the engines start with (rollout/placement.py): up to eight nodes,
+    and an engine wider than a node spans whole nodes."""
     heads = cfg.model.num_attention_heads
-    return [t for t in _powers_of_two(min(gpus, 8 * gpus_per_node)) if heads % t == 0]
+    return [t for t in _powers_of_two(min(gpus, 8 * gpus_per_node))
+            if heads % t == 0 and (t <= gpus_per_node or t % gpus_per_node == 0)]
 
 
 def rollout_capacity(plan: Plan) -> int:

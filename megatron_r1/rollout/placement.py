@@ -2,11 +2,20 @@
 
 Layer L0 (pure, cheap). The world is cut into engine groups of `rollout.ranks_per_engine`
 consecutive ranks. Each group hosts one vLLM engine of `rollout.tensor_parallel` workers,
-colocated with the group's first ranks (on GPUs the workers use those ranks' devices; on a CPU
-each engine is its own process set, bound to its own cores). The group's first rank, the
-leader, holds the engine's handle and the group's reward workers; every rollout's prompts are
-split into contiguous blocks, one per group, and every request (prompt, sample) carries its
-own seed, so the tokens of a rollout do not depend on how many engines produced it.
+colocated with the group's first ranks, one worker beside each (on GPUs the worker uses that
+rank's device; on a CPU it is bound to that rank's share of the node's cores). The group's
+first rank, the leader, holds the engine's handle and the group's reward workers; every
+rollout's prompts are split into contiguous blocks, one per group, and every request (prompt,
+sample) carries its own seed, so the tokens of a rollout do not depend on how many engines
+produced it.
+
+Ranks are numbered node by node (`ranks_per_node` consecutive ranks per node: torchrun, srun
+and mpirun's default mapping). An engine wider than a node spans whole nodes: its workers
+fill the first `tensor_parallel / ranks_per_node` nodes of its group, and on each of those
+nodes the group's first rank there, the node's *host*, starts that node's share of the
+workers (vLLM's headless workers, rollout/vllm_engine.py) and receives the weights they load.
+The rules below accept exactly the layouts the engine code starts, so that the pre-flight
+(`--check-world-size`, the planner) refuses the others before any rank builds a model.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ class EngineGroup:
     ranks: tuple[int, ...]
     tensor_parallel: int
     """The engine's workers: one on each of the group's first `tensor_parallel` ranks."""
+    ranks_per_node: int = 0
+    """Ranks per node of the job (0: the group's ranks are all on one node)."""
 
     @property
     def leader(self) -> int:
@@ -35,6 +46,33 @@ class EngineGroup:
     def worker_ranks(self) -> tuple[int, ...]:
         """Ranks whose devices hold one of the engine's tensor-parallel workers."""
         return self.ranks[:self.tensor_parallel]
+
+    @property
+    def workers_per_node(self) -> int:
+        """The engine's workers on each node it spans (all of them on one node)."""
+        if self.ranks_per_node and self.tensor_parallel > self.ranks_per_node:
+            return self.ranks_per_node
+        return self.tensor_parallel
+
+    @property
+    def nodes(self) -> int:
+        """How many nodes the engine's workers span."""
+        return self.tensor_parallel // self.workers_per_node
+
+    @property
+    def node_hosts(self) -> tuple[int, ...]:
+        """Per node of the engine, in vLLM's node order (its worker ranks are node-major), the
+        rank that starts that node's workers and receives their weights; the leader first."""
+        return self.ranks[:self.tensor_parallel:self.workers_per_node]
+
+    def nearby(self, host: int) -> tuple[int, ...]:
+        """The ranks a node host takes the weights' fragments from first (resharding's
+        `nearby`): its node's ranks of the group, or the whole group when the engine is on
+        one node."""
+        if self.nodes == 1:
+            return self.ranks
+        k = self.node_hosts.index(host)
+        return self.ranks[k * self.workers_per_node:(k + 1) * self.workers_per_node]
 
     @property
     def name(self) -> str:
@@ -53,6 +91,12 @@ class Placement:
     def leaders(self) -> tuple[int, ...]:
         return tuple(g.leader for g in self.groups)
 
+    @property
+    def node_hosts(self) -> tuple[int, ...]:
+        """Every rank that starts engine workers and receives their weights (the leaders
+        and, for engines wider than a node, the other nodes' hosts)."""
+        return tuple(h for g in self.groups for h in g.node_hosts)
+
 
 def ranks_per_engine(rollout: RolloutConfig, ranks_per_node: int) -> int:
     """rollout.ranks_per_engine, or its default: one node, or `tensor_parallel` ranks when
@@ -63,18 +107,38 @@ def ranks_per_engine(rollout: RolloutConfig, ranks_per_node: int) -> int:
 
 
 def resolve_placement(rollout: RolloutConfig, world_size: int, ranks_per_node: int) -> Placement:
-    """The engine groups of a run; raises ValueError naming the field when they do not fit."""
+    """The engine groups of a run of `world_size` ranks, `ranks_per_node` per node; raises
+    ValueError naming the field when the engines would not start:
+    - every worker sits on one rank of its group (ranks_per_engine >= tensor_parallel);
+    - groups do not straddle nodes unevenly: a group inside a node divides it, a group wider
+      than a node is whole nodes (its first rank is then a node's first rank);
+    - an engine wider than a node fills whole nodes (vLLM's multiprocessing executor starts
+      the same number of workers on every node: world_size % nnodes,
+      v1/executor/multiproc_executor.py `_get_parallel_sizes`)."""
+    if ranks_per_node < 1 or world_size % ranks_per_node:
+        raise ValueError(f"{world_size} ranks cannot be {ranks_per_node} per node: the ranks "
+                         "per node must divide the world size")
+    if rollout.tensor_parallel > ranks_per_node and rollout.tensor_parallel % ranks_per_node:
+        raise ValueError(f"rollout.tensor_parallel={rollout.tensor_parallel} spans nodes of "
+                         f"{ranks_per_node} ranks but not whole ones: an engine wider than a "
+                         "node has a worker beside every rank of each node it spans (vLLM "
+                         "starts the same number of workers on each)")
     size = ranks_per_engine(rollout, ranks_per_node)
+    default = '' if rollout.ranks_per_engine else ' (default: one node)'
     if size < rollout.tensor_parallel:
         raise ValueError(f"rollout.ranks_per_engine={size} is smaller than "
                          f"rollout.tensor_parallel={rollout.tensor_parallel}: every engine "
                          "worker sits on one rank of its group")
     if world_size % size:
-        raise ValueError(f"rollout.ranks_per_engine={size}"
-                         f"{'' if rollout.ranks_per_engine else ' (default: one node)'} does "
+        raise ValueError(f"rollout.ranks_per_engine={size}{default} does "
                          f"not divide the world size {world_size}")
+    if (size < ranks_per_node and ranks_per_node % size) or \
+            (size > ranks_per_node and size % ranks_per_node):
+        raise ValueError(f"rollout.ranks_per_engine={size}{default} straddles nodes of "
+                         f"{ranks_per_node} ranks: an engine group is a divisor of a node or "
+                         "whole nodes")
     return Placement(tuple(EngineGroup(g, tuple(range(g * size, (g + 1) * size)),
-                                       rollout.tensor_parallel)
+                                       rollout.tensor_parallel, ranks_per_node)
                            for g in range(world_size // size)))
 
 

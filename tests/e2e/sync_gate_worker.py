@@ -62,6 +62,7 @@ if __name__ == "__main__":
         report = {"at_engine_start": device_state(stage)}
         report["first_sync"] = sync_weights(stage)["sync/max_logp_diff"]
         if stage.engine is not None:
+            report["workers"] = stage.engine.workers  # where each engine worker runs
             prompt = list(stage.eval_prompts[0].prompt_ids)
             engine = stage.engine.generate([prompt], SamplingConfig(
                 n=1, temperature=0.0, top_p=1.0, max_new_tokens=12))[0][0]

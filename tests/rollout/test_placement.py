@@ -31,6 +31,39 @@ def test_default_is_one_node_or_the_engine_size():
     assert wide.groups[1].worker_ranks == tuple(range(16, 32))
 
 
+def test_engines_wider_than_a_node_span_whole_nodes():
+    """TP16 on nodes of 8: each engine's workers fill two nodes, one beside each rank; the
+    first rank on each node (its host) starts that node's workers and takes fragments from
+    its own node's ranks first."""
+    placement = resolve_placement(RolloutConfig(tensor_parallel=16), 32, 8)
+    group = placement.groups[1]
+    assert group.ranks == tuple(range(16, 32)) and group.nodes == 2
+    assert group.workers_per_node == 8 and group.node_hosts == (16, 24)
+    assert placement.node_hosts == (0, 8, 16, 24)
+    assert group.nearby(24) == tuple(range(24, 32)) and group.nearby(16) == tuple(range(16, 24))
+    # an engine within a node: its leader is its only host and asks its whole group first
+    narrow = resolve_placement(RolloutConfig(tensor_parallel=2, ranks_per_engine=4), 8, 8)
+    assert narrow.node_hosts == (0, 4) and narrow.groups[1].nearby(4) == (4, 5, 6, 7)
+    assert narrow.groups[1].worker_ranks == (4, 5)  # none beside ranks 6 and 7
+    # one rank per node: a TP2 engine across two nodes (the two-node tests' layout)
+    pair = resolve_placement(RolloutConfig(tensor_parallel=2), 2, 1)
+    assert pair.groups[0].node_hosts == (0, 1) and pair.groups[0].nearby(1) == (1,)
+
+
+@pytest.mark.parametrize(("rollout", "world", "per_node", "message"), [
+    (RolloutConfig(tensor_parallel=12), 24, 8,
+     "rollout.tensor_parallel=12 spans nodes of 8 ranks but not whole ones"),
+    (RolloutConfig(ranks_per_engine=3), 12, 4,
+     "rollout.ranks_per_engine=3 straddles nodes of 4 ranks"),
+    (RolloutConfig(tensor_parallel=8, ranks_per_engine=12), 24, 8,
+     "rollout.ranks_per_engine=12 straddles nodes of 8 ranks"),
+    (RolloutConfig(), 12, 8, "12 ranks cannot be 8 per node"),
+])
+def test_layouts_that_would_not_start_are_refused(rollout, world, per_node, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_placement(rollout, world, per_node)
+
+
 def test_bad_placements_name_the_field():
     with pytest.raises(ValueError, match=re.escape("rollout.ranks_per_engine=2 is smaller "
                                                    "than rollout.tensor_parallel=4")):
@@ -82,9 +115,12 @@ def test_engine_environment_places_each_engine(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4")  # a per-task GPU binding
     with pytest.raises(ValueError, match="every GPU of the node visible"):
         engine_environment(placement.groups[1], leader, cuda)
-    wide = resolve_placement(RolloutConfig(tensor_parallel=16), 16, 8)
-    with pytest.raises(ValueError, match="spans more than one node"):
-        engine_environment(wide.groups[0], LaunchEnv("torchrun", 0, 16, 0, "", 0, 8), cuda)
+    # an engine across two nodes of 8: each node's host gives its workers its node's devices
+    wide = resolve_placement(RolloutConfig(tensor_parallel=16), 32, 8)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    host = LaunchEnv("torchrun", 24, 32, 0, "", 0, 8)  # node 1 of engine group 1
+    assert engine_environment(wide.groups[1], host, cuda) == {
+        "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
 
     monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1, 2, 3})
     two = resolve_placement(RolloutConfig(ranks_per_engine=1), 2, 2)
