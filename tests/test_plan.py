@@ -324,24 +324,27 @@ def test_sync_bytes_and_seconds_by_hand():
     assert (stage0, stage1, full) == (18432, 26240, 44672)
     assert (sync.groups, sync.ranks_per_group, sync.workers_per_group) == (2, 8, 4)
     f, s = sync.full, sync.sharded
-    # the slowest worker is on node 0: stage 0 over NVLink, stage 1 over InfiniBand
+    # today: each engine's host (ranks 0 and 8) receives whole tensors; the slowest is node
+    # 0's: stage 0 over NVLink, stage 1 over InfiniBand. Its node's other three workers read
+    # their TP_e slice (full / 4) from it inside the node.
     assert f.per_gpu == pytest.approx(full, rel=1e-9)
     assert (f.in_node, f.cross_node) == pytest.approx((stage0, stage1), rel=1e-9)
     assert f.seconds == pytest.approx(max(stage0 / 100, stage1 / 10), rel=1e-9)
-    assert (f.group_in_node, f.group_cross_node) == pytest.approx((4 * stage0, 4 * stage1),
-                                                                  rel=1e-9)
-    assert f.job_total == pytest.approx(8 * full, rel=1e-9)
-    assert f.job_cross_node == pytest.approx(4 * stage1 + 4 * stage0, rel=1e-9)
+    assert (f.group_in_node, f.group_cross_node) == pytest.approx(
+        (stage0 + 3 * full / 4, stage1), rel=1e-9)
+    assert f.job_total == pytest.approx(2 * full + 6 * full / 4, rel=1e-9)
+    assert f.job_cross_node == pytest.approx(stage1 + stage0, rel=1e-9)
     assert sync.node_share == pytest.approx(stage0 / full, rel=1e-9)
     # the sharded path: each worker receives its TP_e slice, full / TP_e, split alike
-    for name in ("per_gpu", "in_node", "cross_node", "group_in_node", "group_cross_node",
-                 "job_total", "job_cross_node", "seconds"):
-        assert getattr(s, name) == pytest.approx(getattr(f, name) / 4, rel=1e-9), name
+    assert (s.per_gpu, s.in_node, s.cross_node, s.seconds) == pytest.approx(
+        (full / 4, stage0 / 4, stage1 / 4, f.seconds / 4), rel=1e-9)
+    assert (s.group_in_node, s.group_cross_node) == pytest.approx((stage0, stage1), rel=1e-9)
+    assert (s.job_total, s.job_cross_node) == pytest.approx((2 * full, full), rel=1e-9)
     assert s.per_gpu == pytest.approx(plan.rollout.weights, rel=1e-9)  # the engine's weights
     text = format_sync(sync)
     assert "weight sync per rollout: 2 engine group(s) of 8 ranks, 4 engine workers" in text
-    assert "full tensors (today):" in text and "predicted 2624.00 s" in text
-    assert "TP_e=4 slices:" in text and "predicted 656.00 s" in text
+    assert "whole tensors to each node host (today):" in text and "predicted 2624.00 s" in text
+    assert "TP_e=4 slices to each worker (not built):" in text and "predicted 656.00 s" in text
     assert "NeMo-RL DeepSeek-V3 refit 2.4-2.8 s (non-colocated)" in text
     assert "checkpoint-engine DeepSeek-V3.1 update 11.3 s (colocated, 256 H20)" in text
 
@@ -604,6 +607,8 @@ def test_r1_zero_config_is_the_planners_first_choice(tmp_path):
     assert configured["rollout"]["weights"] / 1e9 == gb(21.18, abs=0.01)
     assert sync["full"]["per_gpu"] / 1e9 == gb(1342.05, abs=0.01)  # whole model, bf16
     assert sync["full"]["seconds"] == gb(25.34, abs=0.01)
+    # 64 node hosts receive the whole model, the 448 other workers their slice in node
+    assert sync["full"]["job_total"] / 1e12 == gb(95.4, abs=0.05)
     assert stage["fp8_weight_cache"] / 1e9 == gb(8.90, abs=0.01)
     assert stage["rollout_residual"] / 1e9 == gb(9.58 + 8.90 + 6.0, abs=0.01)
     assert stage["startup_residual"] / 1e9 == gb(9.58 + 6.0, abs=0.01)

@@ -128,11 +128,12 @@ def format_sync(sync: SyncCost) -> str:
         f"and direction NVLink {gb(sync.nvlink)} GB/s, InfiniBand {gb(sync.infiniband)} GB/s",
         f"  the trainer ranks of a worker's node hold {sync.node_share:.1%} of the engine's "
         "bytes (the least of any worker node); the rest crosses nodes"]
-    paths: list[tuple[str, SyncPath]] = [("full tensors (today)", sync.full),
-                                         (f"TP_e={sync.workers_per_group} slices", sync.sharded)]
+    paths: list[tuple[str, SyncPath]] = [
+        ("whole tensors to each node host (today)", sync.full),
+        (f"TP_e={sync.workers_per_group} slices to each worker (not built)", sync.sharded)]
     for name, p in paths:
         lines += [
-            f"  {name + ':':<22} {gb(p.per_gpu)} GB per GPU ({gb(p.in_node)} in node, "
+            f"  {name}: {gb(p.per_gpu)} GB on the busiest GPU ({gb(p.in_node)} in node, "
             f"{gb(p.cross_node)} across nodes) -> predicted {p.seconds:.2f} s",
             f"  {'':<22} per engine group {_volume(p.group_in_node)} in node, "
             f"{_volume(p.group_cross_node)} across; whole job {_volume(p.job_total)} "

@@ -5,8 +5,11 @@ TP/PP/EP shards) go to the engine of every engine group (megatron_r1.rollout.pla
 Hugging Face tensors in the engine's dtype (memory.engine_weight_bytes: linear weights in FP8
 where the policy trains in FP8). Two paths are costed:
 
-- full tensors (today's path): every engine worker receives every tensor whole and vLLM's
-  loaders slice it, so every worker GPU receives the whole model;
+- full tensors (today's path): the engine's node host on each node it spans (its leader, and
+  the group's first rank on each other node, rollout/placement.py) receives every tensor
+  whole; the node's other workers read their slice of it from the host's device (CUDA IPC,
+  vLLM's loaders narrow a view), inside the node. So each host GPU receives the whole model
+  and every other worker its TP_e slice over NVLink;
 - sharded (the goal): each worker receives only its tensor-parallel slice, counted like
   the engine's weights in memory.rollout_memory: the model / TP_e, plus whatever vLLM keeps
   whole on every worker (norms, router, MLA's down-projections). An engine with expert
@@ -51,6 +54,7 @@ one 400 Gb/s NDR InfiniBand NIC per GPU, the cluster of configs/deepseek_v3_671b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from megatron_r1.config.schema import Config
@@ -153,7 +157,7 @@ class SyncPath:
     """One way of sending the weights: the slowest worker, its group, and the whole job."""
 
     per_gpu: float
-    """Bytes one engine worker receives per sync."""
+    """Bytes the engine worker that receives the most receives per sync."""
     in_node: float
     """Of these, bytes from its own node's trainer ranks (NVLink), for the slowest worker."""
     cross_node: float
@@ -187,32 +191,32 @@ class SyncCost:
     sharded: SyncPath
 
 
-def _path(needs: list[tuple[float, float]], workers: list[list[int]], node_of: dict[int, int],
-          shares: dict[int, list[tuple[float, float]]], nvlink: float,
-          infiniband: float) -> SyncPath:
-    """Cost one path: every worker of every group (`workers`: ranks per group) needs `needs`;
-    the worker and the group reported are the slowest ones."""
-    per_gpu = sum(d + e for d, e in needs)
+def _path(need_of: Callable[[int], tuple[float, float]], workers: list[list[int]],
+          nvlink: float, infiniband: float) -> SyncPath:
+    """Cost one path: every worker of every group (`workers`: ranks per group) receives
+    `need_of(rank)` = (in-node, cross-node) bytes; the worker and the group reported are the
+    slowest ones."""
     slowest: tuple[float, float, float] = (-1.0, 0.0, 0.0)  # (seconds, in-node, cross-node)
     slowest_group = (-1.0, 0.0, 0.0)
-    job_cross = 0.0
+    most, job_total, job_cross = 0.0, 0.0, 0.0
     for group in workers:
         group_seconds, group_in, group_cross = 0.0, 0.0, 0.0
         for rank in group:
-            in_node, cross = received(needs, shares[node_of[rank]])
+            in_node, cross = need_of(rank)
             seconds = max(in_node / nvlink, cross / infiniband)
             if seconds > slowest[0]:
                 slowest = (seconds, in_node, cross)
+            most = max(most, in_node + cross)
             group_seconds = max(group_seconds, seconds)
             group_in += in_node
             group_cross += cross
+        job_total += group_in + group_cross
         job_cross += group_cross
         if group_seconds > slowest_group[0]:
             slowest_group = (group_seconds, group_in, group_cross)
-    count = sum(len(group) for group in workers)
-    return SyncPath(per_gpu=per_gpu, in_node=slowest[1], cross_node=slowest[2],
+    return SyncPath(per_gpu=most, in_node=slowest[1], cross_node=slowest[2],
                     group_in_node=slowest_group[1], group_cross_node=slowest_group[2],
-                    job_total=per_gpu * count, job_cross_node=job_cross, seconds=slowest[0])
+                    job_total=job_total, job_cross_node=job_cross, seconds=slowest[0])
 
 
 def sync_cost(cfg: Config, plan: Plan, counts_fn: CountsFn) -> SyncCost:
@@ -241,9 +245,16 @@ def sync_cost(cfg: Config, plan: Plan, counts_fn: CountsFn) -> SyncCost:
     total = sum(d + e for d, e in whole)
     held = min(received(whole, share)[0] for share in shares.values())
     links = (o.nvlink_bandwidth, o.infiniband_bandwidth)
+    hosts = set(placement.node_hosts)
+    slice_bytes = sum(d + e for d, e in shard)
+
+    def full(rank: int) -> tuple[float, float]:
+        # a host assembles whole tensors; its node's other workers read their slice from it
+        return received(whole, shares[node_of[rank]]) if rank in hosts else (slice_bytes, 0.0)
+
     return SyncCost(
         groups=len(placement.groups), ranks_per_group=len(placement.groups[0].ranks),
         workers_per_group=len(workers[0]), weights=dtype,
         node_share=held / total if total else 1.0, nvlink=links[0], infiniband=links[1],
-        full=_path(whole, workers, node_of, shares, *links),
-        sharded=_path(shard, workers, node_of, shares, *links))
+        full=_path(full, workers, *links),
+        sharded=_path(lambda rank: received(shard, shares[node_of[rank]]), workers, *links))

