@@ -7,8 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,9 +103,6 @@ def run_two_nodes(args: list[str], *, nproc_per_node: int = 1, timeout: float = 
                                       text=True, start_new_session=True))
     # read both agents' pipes as they run (a full pipe would stall an agent), stop the other
     # one shortly after either fails (its ranks would wait for the failed node until timeout)
-    import threading
-    import time
-
     outputs: list[list[str]] = [["", ""], ["", ""]]
 
     def drain(n: int) -> None:
@@ -119,8 +119,6 @@ def run_two_nodes(args: list[str], *, nproc_per_node: int = 1, timeout: float = 
         if failed_at is not None and time.monotonic() - failed_at > 60:
             break
         time.sleep(0.5)
-    import signal
-
     for proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):

@@ -71,6 +71,13 @@ class EngineNodes:
     group: dist.ProcessGroup | None
     """A gloo group of the hosts (None when the engine is on one node)."""
 
+    @classmethod
+    def one_node(cls, workers: int, leader: int = -1) -> EngineNodes:
+        """An engine whose `workers` all run on its leader's node (`leader`: its rank, -1
+        when the engine is not part of a placement, e.g. started on its own)."""
+        return cls(node=0, hosts=(leader,), workers_per_node=workers, master_addr="",
+                   master_port=0, group=None)
+
     @property
     def count(self) -> int:
         return len(self.hosts)
@@ -118,10 +125,7 @@ def engine_nodes(placement: Placement, rank: int, timeout_minutes: float
     in it while its leader loads a bucket)."""
     group = placement.group_of(rank)
     if all(g.nodes == 1 for g in placement.groups):  # the common case: no collective
-        if rank != group.leader:
-            return None
-        return EngineNodes(node=0, hosts=(rank,), workers_per_node=group.workers_per_node,
-                           master_addr="", master_port=0, group=None)
+        return EngineNodes.one_node(group.workers_per_node, rank) if rank == group.leader else None
     address: tuple[str, int] | None = None
     if rank == group.leader and group.nodes > 1:
         from vllm.utils.network_utils import get_ip, get_open_port

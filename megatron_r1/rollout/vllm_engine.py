@@ -110,9 +110,7 @@ class VLLMEngine:
         vllm_compat.quiet_idle_readers()  # the core's reader of the workers' outputs
 
         self._on_cuda = torch.cuda.is_available()
-        self._nodes = nodes or EngineNodes(node=0, hosts=(-1,),
-                                           workers_per_node=rollout.tensor_parallel,
-                                           master_addr="", master_port=0, group=None)
+        self._nodes = nodes or EngineNodes.one_node(rollout.tensor_parallel)
         kwargs = {**vllm_arguments(model_dir, rollout, max_model_len=max_model_len, seed=seed,
                                    dtype=dtype, load_format=load_format,
                                    capture_routing=capture_routing),
